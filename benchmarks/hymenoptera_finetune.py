@@ -1,0 +1,66 @@
+"""Issue #3 target: `visiontune train` on hymenoptera with tf_efficientnet_lite0 reaches >= 93% val
+accuracy within 6 epochs on CPU. Uses ../shared (not part of the repo), records per-epoch accuracy
+and wall time, and prints a markdown row for docs/benchmarks.md.
+
+    python benchmarks/hymenoptera_finetune.py [--shared ../shared] [--out runs/bench-hymenoptera]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import visiontune
+
+TARGET = 0.93
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    parser.add_argument("--out", default="runs/bench-hymenoptera")
+    parser.add_argument("--epochs", type=int, default=6)
+    args = parser.parse_args()
+    shared = Path(args.shared)
+    data, weights = shared / "data/hymenoptera", shared / "weights/tf_efficientnet_lite0.in1k.safetensors"
+    if not data.is_dir() or not weights.is_file():
+        raise SystemExit(f"needs {data} and {weights}")
+    shutil.rmtree(args.out, ignore_errors=True)
+    options = dict(model="tf_efficientnet_lite0", weights=str(weights), epochs=args.epochs, out=args.out)
+
+    started = time.perf_counter()
+    run = visiontune.fit(data, **options)
+    wall = time.perf_counter() - started
+
+    with (run.dir / "metrics.csv").open() as handle:
+        accuracies = [float(row["val_accuracy"]) for row in csv.DictReader(handle)]
+    reached = next((i + 1 for i, acc in enumerate(accuracies) if acc >= TARGET), None)
+    result = {
+        "command": f"visiontune train {data} --model tf_efficientnet_lite0 --weights {weights} --epochs {args.epochs}",
+        "val_accuracy_per_epoch": accuracies,
+        "best_epoch": run.summary["best_epoch"],
+        "best_val_accuracy": run.summary["val"]["accuracy"],
+        "first_epoch_at_target": reached,
+        "wall_s": round(wall, 1),
+        "epoch_s": [round(s, 1) for s in run.summary["timings"]["epochs_s"]],
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+    }
+    print(json.dumps(result, indent=2))
+    status = "met" if run.summary["val"]["accuracy"] >= TARGET else "NOT met"
+    print(
+        f"\n| hymenoptera, lite0, {args.epochs} epochs | best val acc {result['best_val_accuracy']:.3f} "
+        f"(epoch {result['best_epoch']}), >= {TARGET:.0%} first at epoch {reached} | {wall:.0f} s | target {status} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

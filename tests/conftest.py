@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny synthetic image folders and a tiny timm model, no network, no ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+
+TINY_MODEL = "test_resnet"  # timm's ~0.5M-parameter test ResNet
+TINY_OPTIONS = dict(
+    model=TINY_MODEL, pretrained=False, image_size=32, batch_size=8, workers=0, epochs=2,
+    freeze_epochs=1, augment="none", progress=False,
+)
+COLOURS = {"red": (210, 40, 40), "green": (40, 190, 40), "blue": (40, 40, 210)}
+
+
+def colour_image(colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
+    """A noisy flat colour: classes are separable by colour alone, so tiny models learn them."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.normal(0, 20, (size[1], size[0], 3)) + np.array(colour)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_class_folders(root: Path, classes: dict[str, int], ext: str = ".png", seed: int = 0) -> Path:
+    """root/<class>/<class>_<i><ext> for each class name -> count (colours from COLOURS)."""
+    for k, (name, count) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = COLOURS.get(name, tuple(int(v) for v in np.random.default_rng(k).integers(0, 255, 3)))
+        for i in range(count):
+            colour_image(colour, seed * 10_000 + k * 1000 + i).save(folder / f"{name}_{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture
+def binary_folder(tmp_path: Path) -> Path:
+    return write_class_folders(tmp_path / "binary", {"blue": 12, "red": 12})
+
+
+@pytest.fixture
+def three_class_folder(tmp_path: Path) -> Path:
+    return write_class_folders(tmp_path / "three", {"blue": 10, "green": 10, "red": 10})
+
+
+@pytest.fixture
+def split_folders(tmp_path: Path) -> Path:
+    """train/ val/ test/ each with class folders."""
+    root = tmp_path / "splitdata"
+    for split, n, seed in (("train", 8, 1), ("val", 3, 2), ("test", 3, 3)):
+        write_class_folders(root / split, {"blue": n, "red": n}, seed=seed)
+    return root

@@ -1,0 +1,117 @@
+"""The `visiontune` command as a user meets it: messages, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import visiontune.demo
+from tests.conftest import write_class_folders
+from visiontune.cli.main import app
+
+TINY_FLAGS = ["--model", "test_resnet", "--no-pretrained", "--image-size", "32", "--epochs", "1",
+              "--freeze-epochs", "1", "--workers", "0", "--batch-size", "8"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "visiontune.cli.main", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+class Exploit:
+    """Unpickling this would create a marker file: the payload a weights loader must refuse."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_offline_pretrained_request_fails_with_one_clear_message(binary_folder, tmp_path):
+    result = cli("train", binary_folder, "--model", "resnet50", "--out", tmp_path / "run")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    for way_out in ("internet", "--weights", "--no-pretrained"):
+        assert way_out in result.stderr
+    assert not (tmp_path / "run" / "splits.csv").exists()  # stopped before touching the data
+
+
+def test_pickled_payload_in_weights_is_refused(binary_folder, tmp_path):
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(pickle.dumps({"conv1.weight": Exploit(marker)}))
+    result = cli("train", binary_folder, *TINY_FLAGS, "--weights", weights, "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert "refusing to load" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [(["train", "DATA", "--epoch", "3"], "--epochs"),
+     (["train", "/no/such/folder", "--no-pretrained"], "does not exist"),
+     (["train", "DATA", "--model", "resnet5O", "--no-pretrained"], "resnet50"),
+     (["train", "DATA", "--schedule", "sideways", "--no-pretrained"], "flat_cos")],
+)
+def test_user_mistakes_get_messages_not_tracebacks(binary_folder, args, expected):
+    result = cli(*[binary_folder if a == "DATA" else a for a in args])
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_reads_config_and_flags_override_it(binary_folder, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: test_resnet\npretrained: false\nimage_size: 32\nepochs: 3\nworkers: 0\nlr: 0.005\n")
+    result = cli("train", binary_folder, "--config", config, "--epochs", "1", "--freeze-epochs", "0",
+                 "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    saved = visiontune.load_run(tmp_path / "run").config
+    assert (saved.epochs, saved.lr, saved.model) == (1, 0.005, "test_resnet")
+    assert "epoch 1/1" in result.stdout and "val accuracy" in result.stdout
+
+
+def test_check_names_every_bad_file_and_exits_1_on_leakage(tmp_path):
+    data = tmp_path / "d"
+    write_class_folders(data / "train", {"blue": 6, "red": 6}, ext=".jpg")
+    write_class_folders(data / "val", {"blue": 2, "red": 2}, ext=".jpg", seed=5)
+    bad = {"corrupt.jpg": b"\xff\xd8 garbage", "empty.png": b""}
+    for name, content in bad.items():
+        (data / "train" / "red" / name).write_bytes(content)
+    shutil.copy(data / "train/blue/blue_000.jpg", data / "val/blue/leaked.jpg")
+
+    result = cli("check", data, "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert {Path(s["path"]).name for s in report["skipped"]} == set(bad)
+    assert any("leakage" in e for e in report["errors"])
+    table = cli("check", data)
+    assert table.returncode == 1
+    for name in [*bad, "leaked.jpg"]:
+        assert name in table.stdout
+
+
+def test_check_clean_data_exits_0(binary_folder):
+    result = CliRunner().invoke(app, ["check", str(binary_folder)])
+    assert result.exit_code == 0, result.output
+    assert "no errors" in result.output and "blue" in result.output
+
+
+def test_demo_trains_on_generated_surfaces(tmp_path, monkeypatch):
+    monkeypatch.setitem(visiontune.demo.DEMO_OPTIONS, "epochs", 1)
+    monkeypatch.setitem(visiontune.demo.DEMO_OPTIONS, "workers", 0)
+    monkeypatch.setitem(visiontune.demo.DEMO_OPTIONS, "progress", False)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    counts = {d.name: len(list(d.iterdir())) for d in (tmp_path / "demo" / "data").iterdir()}
+    assert counts == {"clean": visiontune.demo.DEMO_PER_CLASS, "scratched": visiontune.demo.DEMO_PER_CLASS}
+    assert "test" in result.output and "accuracy" in result.output

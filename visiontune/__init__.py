@@ -1,0 +1,20 @@
+"""visiontune: a folder of images in, a fine-tuned vision model with honest numbers out.
+
+    >>> import visiontune
+    >>> run = visiontune.fit("data/", model="resnet18", epochs=5)
+    >>> run.summary["val"]["accuracy"]
+"""
+
+from visiontune._version import __version__
+from visiontune.config import TrainConfig
+from visiontune.data.validate import check_data
+from visiontune.errors import UserError
+from visiontune.run import Run
+from visiontune.training.finetune import fit
+
+
+def load_run(directory: str) -> Run:
+    return Run(directory)
+
+
+__all__ = ["Run", "TrainConfig", "UserError", "__version__", "check_data", "fit", "load_run"]

@@ -1,0 +1,195 @@
+"""The `visiontune` command: a thin layer over the Python API.
+
+Option names are TrainConfig field names (`--lr-mult` is `lr_mult`). Every option defaults to
+None here, meaning "not given": only given options override a `--config` file, and the config's
+own defaults fill the rest. Unknown options get click's "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from visiontune.config import TrainConfig, build_config
+from visiontune.errors import UserError
+
+app = typer.Typer(
+    help="Turn a folder of images into a working vision model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+stdout = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _help(field: str) -> str:
+    info = TrainConfig.model_fields[field]
+    default = info.default
+    text = info.description or ""
+    return f"{text} [config default: {default}]" if default is not None else text
+
+
+Opt = typer.Option
+DataArg = Annotated[Optional[str], typer.Argument(help="Image folder, split folder or CSV file.", show_default=False)]
+
+
+@app.command()
+def train(
+    data: DataArg = None,
+    config: Annotated[Optional[Path], Opt(help="YAML file of options (e.g. a run's config.yaml).")] = None,
+    resume: Annotated[Optional[Path], Opt(help="Continue an interrupted run directory.")] = None,
+    model: Annotated[Optional[str], Opt(help=_help("model"))] = None,
+    weights: Annotated[Optional[str], Opt(help=_help("weights"))] = None,
+    pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained", help=_help("pretrained"))] = None,
+    image_size: Annotated[Optional[int], Opt(help=_help("image_size"))] = None,
+    epochs: Annotated[Optional[int], Opt(help=_help("epochs"))] = None,
+    freeze_epochs: Annotated[Optional[int], Opt(help=_help("freeze_epochs"))] = None,
+    unfreeze_from: Annotated[Optional[str], Opt(help=_help("unfreeze_from"))] = None,
+    train_bn: Annotated[Optional[bool], Opt("--train-bn/--no-train-bn", help=_help("train_bn"))] = None,
+    batch_size: Annotated[Optional[int], Opt(help=_help("batch_size"))] = None,
+    lr: Annotated[Optional[float], Opt(help=_help("lr"))] = None,
+    lr_mult: Annotated[Optional[float], Opt(help=_help("lr_mult"))] = None,
+    weight_decay: Annotated[Optional[float], Opt(help=_help("weight_decay"))] = None,
+    schedule: Annotated[Optional[str], Opt(help="flat_cos | one_cycle | cosine [config default: flat_cos]")] = None,
+    pct_start: Annotated[Optional[float], Opt(help=_help("pct_start"))] = None,
+    warmup_fraction: Annotated[Optional[float], Opt(help=_help("warmup_fraction"))] = None,
+    loss: Annotated[Optional[str], Opt(help="ce | bce | focal [config default: ce]")] = None,
+    label_smoothing: Annotated[Optional[float], Opt(help=_help("label_smoothing"))] = None,
+    focal_alpha: Annotated[Optional[float], Opt(help=_help("focal_alpha"))] = None,
+    focal_gamma: Annotated[Optional[float], Opt(help=_help("focal_gamma"))] = None,
+    balance: Annotated[Optional[str], Opt(help="none | sampler | weights [config default: none]")] = None,
+    augment: Annotated[Optional[str], Opt(help="none | light | medium | heavy [config default: light]")] = None,
+    monitor: Annotated[Optional[str], Opt(help="val_accuracy | val_f1_macro | val_loss [config default: val_accuracy]")] = None,
+    patience: Annotated[Optional[int], Opt(help=_help("patience"))] = None,
+    label_regex: Annotated[Optional[str], Opt(help=_help("label_regex"))] = None,
+    val_fraction: Annotated[Optional[float], Opt(help=_help("val_fraction"))] = None,
+    test_fraction: Annotated[Optional[float], Opt(help=_help("test_fraction"))] = None,
+    max_pixels: Annotated[Optional[int], Opt(help=_help("max_pixels"))] = None,
+    seed: Annotated[Optional[int], Opt(help=_help("seed"))] = None,
+    device: Annotated[Optional[str], Opt(help="auto | cpu | cuda [config default: auto]")] = None,
+    workers: Annotated[Optional[int], Opt(help=_help("workers"))] = None,
+    out: Annotated[Optional[str], Opt(help=_help("out"))] = None,
+) -> None:
+    """Fine-tune a pretrained backbone: frozen stage, then unfrozen with discriminative lrs."""
+    import visiontune
+
+    given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "visiontune")}
+    if resume is not None:
+        if given:
+            raise UserError(f"--resume takes no other options (got {', '.join(sorted(given))}); the run's config.yaml is used")
+        visiontune.fit(resume=resume)
+        return
+    cfg = TrainConfig.from_yaml(config, **given) if config else build_config(given)
+    visiontune.fit(config=cfg)
+
+
+@app.command()
+def check(
+    data: Annotated[str, typer.Argument(help="Image folder, split folder or CSV file.")],
+    label_regex: Annotated[Optional[str], Opt(help=_help("label_regex"))] = None,
+    val_fraction: Annotated[float, Opt(help="Validation share when splitting.")] = 0.1,
+    test_fraction: Annotated[float, Opt(help="Test share when splitting.")] = 0.1,
+    seed: Annotated[int, Opt(help="Split seed.")] = 0,
+    max_pixels: Annotated[int, Opt(help=_help("max_pixels"))] = TrainConfig.model_fields["max_pixels"].default,
+    min_size: Annotated[int, Opt(help="Images with a side below this are reported as small.")] = 32,
+    as_json: Annotated[bool, Opt("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Report counts, unreadable files, duplicates, leakage, small images and imbalance.
+
+    Exits with 1 when the data has errors that would break or bias training.
+    """
+    from visiontune.data.validate import check_data
+
+    report = check_data(data, label_regex, val_fraction, test_fraction, seed, max_pixels, min_size)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report)
+    raise typer.Exit(1 if report.errors else 0)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, Opt("--out", help="Where to write the demo data and run.")] = Path("runs/demo"),
+) -> None:
+    """Generate synthetic clean vs scratched surfaces, train a small model offline, and evaluate it."""
+    import visiontune
+    from visiontune.demo import DEMO_OPTIONS, make_scratch_dataset
+
+    run_dir = out_dir / "run"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} already exists; pass another --out")
+    data = make_scratch_dataset(out_dir / "data")
+    stdout.print(f"demo data: {data} (clean vs scratched surfaces)")
+    run = visiontune.fit(data, out=str(run_dir), **DEMO_OPTIONS)
+    _print_evaluation(run.summary)
+
+
+def _print_report(report) -> None:
+    splits = sorted({s for row in report.counts.values() for s in row}, key=("train", "val", "test", "unsplit").index)
+    table = Table(title=f"{report.root} ({report.source})")
+    table.add_column("class")
+    for split in splits:
+        table.add_column(split, justify="right")
+    table.add_column("total", justify="right")
+    for label, row in report.counts.items():
+        table.add_row(label, *(str(row.get(s, 0)) for s in splits), str(sum(row.values())))
+    stdout.print(table)
+    if report.imbalance_ratio:
+        stdout.print(f"imbalance ratio (largest / smallest class): {report.imbalance_ratio:.2f}")
+    sections = [
+        ("unreadable files", [f"{s.path}: {s.reason}" for s in report.skipped]),
+        ("duplicates across splits (leakage)", [", ".join(g) for g in report.cross_split_duplicates]),
+        ("identical images", [", ".join(g) for g in report.duplicate_groups]),
+        ("small images", [f"{s['path']} ({s['width']}x{s['height']})" for s in report.small_images]),
+    ]
+    for title, lines in sections:
+        if lines:
+            stdout.print(f"\n[bold]{title}[/bold] ({len(lines)})")
+            for line in lines:
+                stdout.print(f"  {line}", markup=False)
+    for line in report.warnings:
+        stdout.print(f"[yellow]warning:[/yellow] {line}")
+    for line in report.errors:
+        stdout.print(f"[red]error:[/red] {line}")
+    if not report.errors:
+        stdout.print("[green]no errors[/green]")
+
+
+def _print_evaluation(summary: dict) -> None:
+    table = Table(title="evaluation of the best checkpoint")
+    for column in ("split", "images", "accuracy", "macro-F1", "loss"):
+        table.add_column(column, justify="right")
+    for split in ("val", "test"):
+        if split in summary:
+            metrics, n = summary[split], sum(summary["counts"][split].values())
+            table.add_row(split, str(n), f"{metrics['accuracy']:.3f}", f"{metrics['f1_macro']:.3f}", f"{metrics['loss']:.4f}")
+    stdout.print(table)
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(message)s",
+        handlers=[RichHandler(console=err, show_time=False, show_path=False)],
+    )
+    try:
+        app()
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; an unfinished run continues with: visiontune train --resume RUN_DIR")
+        sys.exit(130)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The training configuration: one pydantic model shared by the CLI, YAML files and the Python API.
+
+Field names are the CLI flag names with dashes turned into underscores, so `--lr-mult 10`,
+`lr_mult: 10` in YAML and `fit(..., lr_mult=10)` mean the same thing.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from visiontune.errors import UserError
+
+Schedule = Literal["flat_cos", "one_cycle", "cosine"]
+Loss = Literal["ce", "bce", "focal"]
+Balance = Literal["none", "sampler", "weights"]
+Augment = Literal["none", "light", "medium", "heavy"]
+Device = Literal["auto", "cpu", "cuda"]
+Monitor = Literal["val_loss", "val_accuracy", "val_f1_macro"]
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a training run. `None` means "the model's / machine's default"."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: str | None = Field(None, description="Image folder, split folder or CSV file.")
+    label_regex: str | None = Field(
+        None, description="Regex on file names whose group 'label' (or group 1) gives the class."
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation share when splitting.")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Test share when splitting.")
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="Images with more pixels are skipped (decompression bombs)."
+    )
+
+    model: str = Field("resnet50", description="Any timm model name.")
+    weights: str | None = Field(None, description="Local weights file (safetensors or state dict).")
+    pretrained: bool = Field(True, description="Start from pretrained weights.")
+    image_size: int | None = Field(None, gt=0, description="Input size; default from the model.")
+
+    epochs: int = Field(6, ge=1, description="Total epochs, frozen epochs included.")
+    freeze_epochs: int = Field(1, ge=0, description="Epochs with the backbone frozen.")
+    unfreeze_from: str | None = Field(
+        None, description="Keep parameters before this module (e.g. layer4) frozen throughout."
+    )
+    train_bn: bool = Field(True, description="Keep BatchNorm trainable while the backbone is frozen.")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Head learning rate.")
+    lr_mult: float = Field(10.0, ge=1, description="Backbone lr = lr / lr_mult after unfreezing.")
+    weight_decay: float = Field(1e-2, ge=0)
+    schedule: Schedule = "flat_cos"
+    pct_start: float = Field(
+        0.25, gt=0, lt=1, description="Share of a stage spent warming up (one_cycle) or flat (flat_cos)."
+    )
+    warmup_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Linear warm-up share of the unfrozen stage (flat_cos, cosine)."
+    )
+    loss: Loss = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    focal_alpha: float = Field(0.25, description="Focal loss alpha; negative disables weighting.")
+    focal_gamma: float = Field(2.0, ge=0)
+    balance: Balance = "none"
+    augment: Augment = "light"
+    monitor: Monitor = Field(
+        "val_accuracy", description="Chooses the best checkpoint and drives early stopping; ties go to the lower val loss."
+    )
+    patience: int | None = Field(None, ge=1, description="Early-stopping patience in epochs.")
+
+    seed: int = 0
+    device: Device = "auto"
+    workers: int | None = Field(None, ge=0, description="DataLoader workers; default from free cores.")
+    out: str | None = Field(None, description="Run directory; default runs/<timestamp>-<model>.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> TrainConfig:
+        if self.freeze_epochs > self.epochs:
+            raise ValueError(f"freeze_epochs ({self.freeze_epochs}) exceeds epochs ({self.epochs})")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+    # -- YAML -----------------------------------------------------------------------------------
+
+    def to_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path} must hold a mapping of option names to values")
+        return build_config({**values, **overrides}, source=str(path))
+
+
+def build_config(values: dict[str, Any], source: str = "options") -> TrainConfig:
+    """Validate `values` into a TrainConfig, turning mistakes into one readable UserError."""
+    unknown = [key for key in values if key not in TrainConfig.model_fields]
+    if unknown:
+        raise UserError("; ".join(_unknown_key_message(key, source) for key in unknown))
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]) or "config"
+            problems.append(f"{where}: {err['msg']}")
+        raise UserError(f"invalid {source}: " + "; ".join(problems)) from None
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    close = difflib.get_close_matches(key, list(TrainConfig.model_fields), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown option '{key}' in {source}{hint}"

@@ -1,0 +1,48 @@
+"""A map-style dataset over scanned samples that never raises on a bad file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from visiontune.data.images import ImageLoadError, load_rgb
+from visiontune.data.sources import Sample
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Returns (image tensor, class index), or None for a file that stopped decoding since the scan."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        class_to_index: dict[str, int],
+        transform: Callable,
+        max_pixels: int,
+    ) -> None:
+        self.samples = list(samples)
+        self.targets = [class_to_index[s.label] for s in self.samples]
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        sample = self.samples[index]
+        try:
+            image = load_rgb(sample.path, self.max_pixels)
+        except ImageLoadError as exc:
+            log.warning("skipping %s: %s", sample.path, exc)
+            return None
+        return self.transform(image), self.targets[index]
+
+
+def collate_skipping_none(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Drop samples that failed to load; a batch with none left becomes None (the loop skips it)."""
+    kept = [item for item in batch if item is not None]
+    return default_collate(kept) if kept else None

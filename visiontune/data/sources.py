@@ -1,0 +1,187 @@
+"""Where samples come from: class folders, split folders, a CSV file, or labels in file names.
+
+`discover` is the one entry point. It returns every candidate sample with its label and split;
+whether each file actually decodes is decided later, by `visiontune.data.validate.scan`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from visiontune.data.images import is_image_file
+from visiontune.data.splits import SPLITS, canonical_order, stratified_split
+from visiontune.errors import UserError
+
+VAL_DIR_NAMES = ("val", "valid", "validation")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # absolute path
+    label: str
+    split: str  # "train", "val" or "test"
+
+
+@dataclass
+class SampleSet:
+    """The samples of a data source, with what was noticed while listing them."""
+
+    samples: list[Sample]
+    source: str  # "folders", "split_folders", "csv" or "regex"
+    root: str
+    empty_classes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted({s.label for s in self.samples})
+
+
+def discover(
+    data: str | Path,
+    label_regex: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    split: bool = True,
+) -> SampleSet:
+    """List the samples of `data`, choosing the layout from what is there.
+
+    With `split=False` samples without a given split keep split "" (used by `check` to report
+    classes too small to split instead of stopping at them).
+    """
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise UserError(f"data path does not exist: {root}")
+    root = root.resolve()
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise UserError(f"{root} is a file but not a .csv; pass an image folder or a CSV file")
+        found = _from_csv(root)
+        fixed = {s.split for s in found.samples if s.split}
+    elif label_regex:
+        found = _from_regex(root, label_regex)
+        fixed = set()
+    else:
+        found = _from_folders(root)
+        fixed = {s.split for s in found.samples if s.split}
+    if not found.samples:
+        raise UserError(f"no images found in {root}")
+    if split:
+        found.samples = _assign_splits(found, fixed, val_fraction, test_fraction, seed)
+    found.samples = canonical_order(found.samples)
+    return found
+
+
+def _from_folders(root: Path) -> SampleSet:
+    subdirs = {p.name.lower(): p for p in _visible_dirs(root)}
+    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    if "train" in subdirs and (val_dir is not None or "test" in subdirs):
+        parts = {"train": subdirs["train"], "val": val_dir, "test": subdirs.get("test")}
+        found = SampleSet([], "split_folders", str(root))
+        for split, folder in parts.items():
+            if folder is None:
+                continue
+            listed = _class_folders(folder, split)
+            found.samples += listed.samples
+            found.empty_classes += [f"{split}/{c}" for c in listed.empty_classes]
+        if val_dir is None:
+            found.notes.append("no val/ folder: validation images are split off train/")
+        return found
+    return _class_folders(root, split="")
+
+
+def _class_folders(folder: Path, split: str) -> SampleSet:
+    classes = _visible_dirs(folder)
+    if not classes:
+        raise UserError(
+            f"{folder} has no class sub-folders; expected one folder per class "
+            "(or train/ and val/ folders of class folders, a CSV file, or --label-regex)"
+        )
+    found = SampleSet([], "folders", str(folder))
+    for class_dir in classes:
+        files = _image_files(class_dir)
+        if not files:
+            found.empty_classes.append(class_dir.name)
+        found.samples += [Sample(str(p), class_dir.name, split) for p in files]
+    return found
+
+
+def _from_csv(csv_path: Path) -> SampleSet:
+    base = csv_path.parent
+    found = SampleSet([], "csv", str(csv_path))
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise UserError(f"{csv_path} needs a header with 'path' and 'label' (and optionally 'split')")
+        for line_no, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            if not row.get("path") or not row.get("label"):
+                raise UserError(f"{csv_path}, line {line_no}: empty path or label")
+            split = _normalise_split(row.get("split", ""), f"{csv_path}, line {line_no}")
+            path = Path(row["path"]).expanduser()
+            path = path if path.is_absolute() else base / path
+            found.samples.append(Sample(str(path.resolve()), row["label"], split))
+    return found
+
+
+def _from_regex(root: Path, pattern: str) -> SampleSet:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise UserError(f"--label-regex {pattern!r} is not a valid regular expression: {exc}") from None
+    if regex.groups == 0:
+        raise UserError("--label-regex needs a group for the label, e.g. '_(\\d+)\\.' or '(?P<label>...)'")
+    found = SampleSet([], "regex", str(root))
+    unmatched = 0
+    for path in _image_files(root):
+        match = regex.search(path.name)
+        if not match:
+            unmatched += 1
+            continue
+        label = match.group("label") if "label" in regex.groupindex else match.group(1)
+        found.samples.append(Sample(str(path), label, ""))
+    if unmatched:
+        found.notes.append(f"{unmatched} image file(s) did not match --label-regex and were left out")
+    return found
+
+
+def _assign_splits(
+    found: SampleSet, fixed: set[str], val_fraction: float, test_fraction: float, seed: int
+) -> list[Sample]:
+    """Keep splits given by the source; split what has none (stratified, seeded)."""
+    if fixed and any(not s.split for s in found.samples):  # `fixed` itself never holds ""
+        raise UserError("some rows have a split and some do not; give every row a split or none")
+    if not fixed:
+        return stratified_split(found.samples, val_fraction, test_fraction, seed)
+    if "train" not in fixed:
+        raise UserError("the data has no training split")
+    if "val" in fixed:
+        return found.samples
+    # train (+ test) given: carve validation images out of train only.
+    train = [s for s in found.samples if s.split == "train"]
+    others = [s for s in found.samples if s.split != "train"]
+    carved = stratified_split(train, val_fraction, 0.0, seed)
+    return carved + others
+
+
+def _normalise_split(value: str, where: str) -> str:
+    value = value.lower()
+    if value in ("valid", "validation"):
+        value = "val"
+    if value and value not in SPLITS:
+        raise UserError(f"{where}: split must be one of train, val, test (got {value!r})")
+    return value
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    hidden = lambda p: any(part.startswith(".") for part in p.relative_to(folder).parts)  # noqa: E731
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not hidden(p))

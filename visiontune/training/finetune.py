@@ -1,0 +1,404 @@
+"""The staged fine-tuning recipe: frozen backbone first, then everything with discriminative lrs.
+
+`fit` builds a `FineTune` from a config (or from a run directory to resume) and runs it. Each epoch
+ends with an atomic resume state holding everything the next epoch depends on (weights, optimizer,
+step counters, early-stopping state, history); per-epoch reseeding makes data order and
+augmentation a function of (seed, epoch), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning.fabric
+import torch
+from lightning.fabric import Fabric
+from rich.console import Console
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+
+from visiontune._version import __version__
+from visiontune.config import TrainConfig, build_config
+from visiontune.data.dataset import ImageDataset, collate_skipping_none
+from visiontune.data.sources import Sample, SampleSet, discover
+from visiontune.data.splits import write_splits_csv
+from visiontune.data.transforms import Preprocessing
+from visiontune.data.validate import ScanResult, scan
+from visiontune.errors import UserError
+from visiontune.models.backbones import check_weights_available, create_classifier
+from visiontune.models.param_groups import apply_freezing, build_param_groups, fixed_parameter_names
+from visiontune.run import Run
+from visiontune.training.callbacks import EarlyStopping
+from visiontune.training.checkpoint import load_state, save_model, save_state, write_text_atomic
+from visiontune.training.history import plot_history, write_metrics_csv
+from visiontune.training.loop import EpochResult, evaluate, train_one_epoch
+from visiontune.training.losses import ClassificationLoss, class_weights_for
+from visiontune.training.progress import EpochProgress
+from visiontune.training.schedules import lr_factor
+
+log = logging.getLogger(__name__)
+STATE_FILE = "checkpoints/state.pt"
+
+
+class Callback(Protocol):
+    """Called after each epoch's checkpoint is written; `record` is that epoch's metrics row."""
+
+    def on_epoch_end(self, tuner: FineTune, record: dict) -> None: ...
+
+
+def fit(
+    data: str | os.PathLike | None = None,
+    *,
+    config: TrainConfig | None = None,
+    resume: str | os.PathLike | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    **options: Any,
+) -> Run:
+    """Fine-tune a timm backbone on `data`; options are TrainConfig fields (the CLI flags).
+
+    `resume=RUN_DIR` continues an interrupted run from its last completed epoch.
+    """
+    if resume is not None:
+        return FineTune.resumed(Path(resume), callbacks, progress).run()
+    values = {**(config.model_dump(exclude_unset=True) if config else {}), **options}
+    if data is not None:
+        values["data"] = str(data)
+    cfg = build_config(values)
+    if not cfg.data:
+        raise UserError("no data given: pass an image folder or CSV file")
+    return FineTune(cfg, callbacks, progress).run()
+
+
+class FineTune:
+    def __init__(
+        self, config: TrainConfig, callbacks: Sequence[Callback] = (), progress: bool = True,
+        state: dict | None = None, run_dir: Path | None = None,
+    ) -> None:
+        self.cfg = config
+        self.callbacks = list(callbacks)
+        self.console = Console(quiet=not progress, highlight=False, soft_wrap=True)
+        self.progress = progress
+        self.state = state
+        self.dir = run_dir or _new_run_dir(config)
+
+    @classmethod
+    def resumed(cls, run_dir: Path, callbacks: Sequence[Callback], progress: bool) -> FineTune:
+        state_path = run_dir / STATE_FILE
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir} is not a visiontune run directory (no config.yaml)")
+        if not state_path.is_file():
+            raise UserError(f"{run_dir} has no checkpoint to resume from yet; start the run again")
+        state = load_state(state_path)
+        if state.get("finished"):
+            raise UserError(f"{run_dir} has already finished; see {run_dir / 'summary.json'}")
+        config = TrainConfig.from_yaml(run_dir / "config.yaml")
+        return cls(config, callbacks, progress, state=state, run_dir=run_dir)
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def run(self) -> Run:
+        started = time.perf_counter()
+        cfg, resuming = self.cfg, self.state is not None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fabric = _make_fabric(cfg.device)
+        if not resuming:  # a missing download stops the run before any data is read
+            check_weights_available(cfg.model, cfg.pretrained, cfg.weights)
+        source = discover(self.dir / "splits.csv") if resuming else self._discover()
+        t0 = time.perf_counter()
+        scanned = self._scan(source)
+        scan_s = time.perf_counter() - t0
+        self.labels = sorted({s.label for s in scanned.readable})
+        self._check_splits(scanned.readable)
+        lightning.fabric.seed_everything(cfg.seed, verbose=False)
+        self.model = create_classifier(
+            cfg.model, len(self.labels), pretrained=cfg.pretrained and not resuming,
+            weights=None if resuming else cfg.weights,
+        )
+        self.pre = Preprocessing.from_model(self.model, cfg.image_size)
+        self.metadata = self._metadata()
+        if not resuming:
+            self._write_run_files(source, scanned)
+        self._build_training(scanned.readable)
+        history, timings = self._train(scanned, scan_s)
+        return self._finish(history, timings, scanned, started)
+
+    def _discover(self) -> SampleSet:
+        cfg = self.cfg
+        source = discover(cfg.data, cfg.label_regex, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        for name in source.empty_classes:
+            log.warning("class folder '%s' has no images and is left out", name)
+        for note in source.notes:
+            log.warning(note)
+        return source
+
+    def _scan(self, source: SampleSet) -> ScanResult:
+        with self.console.status(f"checking {len(source.samples)} images"):
+            scanned = scan(source.samples, self.cfg.max_pixels)
+        for skipped in scanned.skipped:
+            log.warning("skipping %s: %s", skipped.path, skipped.reason)
+        self.empty_classes = source.empty_classes
+        return scanned
+
+    def _check_splits(self, samples: list[Sample]) -> None:
+        if len(self.labels) < 2:
+            raise UserError(f"need at least 2 classes with readable images, found {self.labels}")
+        for split in ("train", "val"):
+            present = {s.label for s in samples if s.split == split}
+            missing = [label for label in self.labels if label not in present]
+            if missing:
+                raise UserError(f"no readable {split} images for class(es): {', '.join(missing)}")
+
+    def _metadata(self) -> dict:
+        return {
+            "format": 1,
+            "visiontune_version": __version__,
+            "model": self.cfg.model,
+            "labels": self.labels,
+            "preprocessing": self.pre.to_dict(),
+            "loss": self.cfg.loss,
+            "config": self.cfg.model_dump(),
+        }
+
+    def _write_run_files(self, source: SampleSet, scanned: ScanResult) -> None:
+        self.cfg.to_yaml(self.dir / "config.yaml")
+        write_splits_csv(scanned.readable, self.dir / "splits.csv")
+        (self.dir / "labels.json").write_text(json.dumps(self.labels, indent=2))
+        (self.dir / "model.json").write_text(json.dumps(self.metadata, indent=2))
+
+    def _build_training(self, samples: list[Sample]) -> None:
+        cfg, fabric = self.cfg, self.fabric
+        index = {label: i for i, label in enumerate(self.labels)}
+        by_split = {split: [s for s in samples if s.split == split] for split in ("train", "val", "test")}
+        train_ds = ImageDataset(by_split["train"], index, self.pre.train_transform(cfg.augment), cfg.max_pixels)
+        counts = [train_ds.targets.count(i) for i in range(len(self.labels))]
+        self.generator = torch.Generator()
+        if cfg.balance == "sampler":
+            sample_weights = [1.0 / counts[t] for t in train_ds.targets]
+            sampler = WeightedRandomSampler(sample_weights, len(train_ds), replacement=True, generator=self.generator)
+        else:
+            sampler = RandomSampler(train_ds, generator=self.generator)
+        workers = cfg.workers if cfg.workers is not None else default_workers()
+        common = dict(
+            num_workers=workers, collate_fn=collate_skipping_none,
+            persistent_workers=workers > 0, pin_memory=fabric.device.type == "cuda",
+        )
+        self.train_loader = fabric.setup_dataloaders(
+            DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=len(train_ds) > cfg.batch_size, **common)
+        )
+        self.eval_loaders = {
+            split: fabric.setup_dataloaders(
+                DataLoader(ImageDataset(items, index, self.pre.eval_transform(), cfg.max_pixels), cfg.batch_size * 2, **common)
+            )
+            for split, items in by_split.items()
+            if items and split != "train"
+        }
+        weights = class_weights_for(counts) if cfg.balance == "weights" else None
+        loss_args = dict(kind=cfg.loss, num_classes=len(self.labels), focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
+        self.loss_fn = ClassificationLoss(class_weights=weights, label_smoothing=cfg.label_smoothing, **loss_args).to(fabric.device)
+        self.eval_loss_fn = ClassificationLoss(**loss_args).to(fabric.device)
+
+        self.fixed = fixed_parameter_names(self.model, cfg.unfreeze_from)
+        if fabric.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        groups = build_param_groups(self.model, cfg.weight_decay, cfg.lr_mult, self.fixed)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.module, self.optimizer = fabric.setup(self.model, optimizer)
+        self.stopper = EarlyStopping(cfg.monitor, cfg.patience)
+        if self.state is not None:
+            self.model.load_state_dict(self.state["model"])
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.stopper.load_state_dict(self.state["early_stopping"])
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def stage_of(self, epoch: int) -> tuple[str, int, int]:
+        """(stage name, first epoch of the stage, epochs in the stage) for 0-based `epoch`."""
+        cfg = self.cfg
+        if epoch < cfg.freeze_epochs:
+            return "frozen", 0, cfg.freeze_epochs
+        return "unfrozen", cfg.freeze_epochs, cfg.epochs - cfg.freeze_epochs
+
+    def prepare_epoch(self, epoch: int) -> None:
+        """Reseed, set train mode and the stage's freezing; public so tests can inspect a stage."""
+        stage, _, _ = self.stage_of(epoch)
+        lightning.fabric.seed_everything(self.cfg.seed + epoch, verbose=False)
+        self.generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        self.module.train()
+        apply_freezing(self.model, stage == "frozen", self.cfg.train_bn, self.fixed)
+
+    def set_lr(self, epoch: int, batch: int) -> None:
+        cfg = self.cfg
+        stage, first, n_epochs = self.stage_of(epoch)
+        steps = len(self.train_loader)
+        factor = lr_factor(
+            cfg.schedule, (epoch - first) * steps + batch, n_epochs * steps, cfg.pct_start,
+            warmup_fraction=cfg.warmup_fraction if stage == "unfrozen" else 0.0,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * group["lr_scale"] * factor
+
+    def _train(self, scanned: ScanResult, scan_s: float) -> tuple[list[dict], dict]:
+        cfg = self.cfg
+        state = self.state or {}
+        history: list[dict] = list(state.get("history", []))
+        timings = dict(state.get("timings", {"scan_s": scan_s, "epochs_s": []}))
+        start_epoch = state.get("epoch", 0)
+        if start_epoch:
+            self.console.print(f"resuming {self.dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            stage, _, _ = self.stage_of(epoch)
+            self.prepare_epoch(epoch)
+            with EpochProgress(f"epoch {epoch + 1}/{cfg.epochs} {stage}", len(self.train_loader), self.progress) as bar:
+                train = train_one_epoch(
+                    self.fabric, self.module, self.train_loader, self.loss_fn, self.optimizer,
+                    lambda batch: self.set_lr(epoch, batch), on_batch=bar.update,
+                )
+            val = evaluate(self.fabric, self.module, self.eval_loaders["val"], self.eval_loss_fn, len(self.labels))
+            seconds = time.perf_counter() - t0
+            record = _epoch_record(epoch, stage, self.optimizer.param_groups, train, val, seconds)
+            history.append(record)
+            timings["epochs_s"].append(seconds)
+            if self.stopper.update(epoch + 1, record[cfg.monitor], loss=record["val_loss"]):
+                save_model(self.dir / "checkpoints/best.safetensors", self.model, self.metadata)
+            self._save_epoch(epoch, history, timings)
+            self.console.print(_epoch_line(record, cfg.epochs, self.stopper.best_epoch == epoch + 1), markup=False)
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, record)
+            if self.stopper.should_stop:
+                self.console.print(f"early stopping: no {cfg.monitor} improvement for {cfg.patience} epochs")
+                break
+        return history, timings
+
+    def _save_epoch(self, epoch: int, history: list[dict], timings: dict) -> None:
+        save_model(self.dir / "checkpoints/last.safetensors", self.model, self.metadata)
+        write_metrics_csv(history, self.dir / "metrics.csv")
+        save_state(
+            self.dir / STATE_FILE,
+            {
+                "epoch": epoch + 1,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "early_stopping": self.stopper.state_dict(),
+                "history": history,
+                "timings": timings,
+                "finished": False,
+            },
+        )
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def _finish(self, history: list[dict], timings: dict, scanned: ScanResult, started: float) -> Run:
+        if self.stopper.best_epoch is None:  # the monitor was never finite (e.g. NaN losses)
+            log.warning("%s was never finite; keeping the last epoch as best", self.cfg.monitor)
+            save_model(self.dir / "checkpoints/best.safetensors", self.model, self.metadata)
+        best = Run(self.dir).load_model("best")
+        self.model.load_state_dict(best.state_dict())
+        t0 = time.perf_counter()
+        results = {
+            split: _result_dict(evaluate(self.fabric, self.module, loader, self.eval_loss_fn, len(self.labels)))
+            for split, loader in self.eval_loaders.items()
+        }
+        timings["final_eval_s"] = time.perf_counter() - t0
+        timings["train_s"] = sum(timings["epochs_s"])
+        timings["wall_s"] = time.perf_counter() - started  # this process only, when resumed
+        summary = {
+            "best_epoch": self.stopper.best_epoch,
+            "monitor": self.cfg.monitor,
+            "epochs_run": len(history),
+            "stopped_early": len(history) < self.cfg.epochs,
+            **results,
+            "labels": self.labels,
+            "counts": {
+                split: {label: sum(1 for s in scanned.readable if s.split == split and s.label == label) for label in self.labels}
+                for split in ("train", "val", "test")
+            },
+            "timings": timings,
+            "skipped": [{"path": s.path, "reason": s.reason} for s in scanned.skipped],
+            "empty_classes": self.empty_classes,
+            "device": str(self.fabric.device),
+        }
+        write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=2))
+        plot_history(history, self.dir / "history.png", self.cfg.freeze_epochs)
+        final = load_state(self.dir / STATE_FILE)
+        save_state(self.dir / STATE_FILE, {**final, "finished": True})
+        self.console.print(_summary_line(summary, self.dir))
+        return Run(self.dir)
+
+
+def default_workers() -> int:
+    """Loader workers from the cores this process may use, leaving one for the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, max(0, cores - 1))
+
+
+def _make_fabric(device: str) -> Fabric:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return Fabric(accelerator="cuda", devices=1, precision=precision)
+    return Fabric(accelerator="cpu", devices=1, precision="32-true")
+
+
+def _new_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        run_dir = Path(cfg.out).expanduser()
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{stamp}-{cfg.model.replace('/', '_')}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(
+            f"run directory {run_dir} already exists and is not empty; use --resume {run_dir} to "
+            "continue it, or choose another --out"
+        )
+    cfg.out = str(run_dir)
+    return run_dir
+
+
+def _epoch_record(epoch: int, stage: str, groups: list[dict], train: EpochResult, val: EpochResult, seconds: float) -> dict:
+    lrs = {g["name"]: g["lr"] for g in groups}
+    return {
+        "epoch": epoch + 1,
+        "stage": stage,
+        "lr": lrs.get("head", lrs.get("head_no_decay", math.nan)),
+        "backbone_lr": lrs.get("backbone", lrs.get("backbone_no_decay", math.nan)),
+        "train_loss": train.loss,
+        "train_accuracy": train.accuracy,
+        "val_loss": val.loss,
+        "val_accuracy": val.accuracy,
+        "val_f1_macro": val.f1_macro,
+        "seconds": seconds,
+    }
+
+
+def _result_dict(result: EpochResult) -> dict:
+    return {"accuracy": result.accuracy, "f1_macro": result.f1_macro, "loss": result.loss}
+
+
+def _epoch_line(record: dict, epochs: int, best: bool) -> str:
+    return (
+        f"epoch {record['epoch']}/{epochs} [{record['stage']}] train loss {record['train_loss']:.4f} "
+        f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
+        f"acc {record['val_accuracy']:.3f} f1 {record['val_f1_macro']:.3f} | {record['seconds']:.1f}s"
+        + ("  [best]" if best else "")
+    )
+
+
+def _summary_line(summary: dict, run_dir: Path) -> str:
+    parts = [f"best epoch {summary['best_epoch']}"]
+    for split in ("val", "test"):
+        if split in summary:
+            parts.append(f"{split} accuracy {summary[split]['accuracy']:.3f} macro-F1 {summary[split]['f1_macro']:.3f}")
+    if summary["skipped"]:
+        parts.append(f"{len(summary['skipped'])} file(s) skipped (listed in summary.json)")
+    return "; ".join(parts) + f"\nrun saved to {run_dir}"
