@@ -179,6 +179,14 @@ def test_existing_run_directory_is_not_overwritten(binary_folder, tmp_path):
         fit(binary_folder, tmp_path)
 
 
+def test_run_that_failed_before_its_first_epoch_can_start_again(binary_folder, tmp_path):
+    fit(binary_folder, tmp_path)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if it died before its first checkpoint
+    with pytest.raises(UserError, match="no completed epoch"):
+        visiontune.fit(resume=tmp_path / "run")
+    assert fit(binary_folder, tmp_path).summary["epochs_run"] == 2
+
+
 def test_exported_run_loads_in_a_fresh_process(binary_folder, tmp_path):
     import subprocess
     import sys

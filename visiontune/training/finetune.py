@@ -95,7 +95,9 @@ class FineTune:
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir} is not a visiontune run directory (no config.yaml)")
         if not state_path.is_file():
-            raise UserError(f"{run_dir} has no checkpoint to resume from yet; start the run again")
+            raise UserError(
+                f"{run_dir} has no completed epoch to resume from; start it again with the same --out"
+            )
         state = load_state(state_path)
         if state.get("finished"):
             raise UserError(f"{run_dir} has already finished; see {run_dir / 'summary.json'}")
@@ -124,10 +126,15 @@ class FineTune:
         )
         self.pre = Preprocessing.from_model(self.model, cfg.image_size)
         self.metadata = self._metadata()
+        self.empty_classes = source.empty_classes
         if not resuming:
-            self._write_run_files(source, scanned)
+            self._write_run_files(scanned)
         self._build_training(scanned.readable)
-        history, timings = self._train(scanned, scan_s)
+        try:
+            history, timings = self._train(scanned, scan_s)
+        except KeyboardInterrupt:
+            self.console.print(f"interrupted; continue with: visiontune train --resume {self.dir}")
+            raise
         return self._finish(history, timings, scanned, started)
 
     def _discover(self) -> SampleSet:
@@ -144,7 +151,6 @@ class FineTune:
             scanned = scan(source.samples, self.cfg.max_pixels)
         for skipped in scanned.skipped:
             log.warning("skipping %s: %s", skipped.path, skipped.reason)
-        self.empty_classes = source.empty_classes
         return scanned
 
     def _check_splits(self, samples: list[Sample]) -> None:
@@ -167,7 +173,7 @@ class FineTune:
             "config": self.cfg.model_dump(),
         }
 
-    def _write_run_files(self, source: SampleSet, scanned: ScanResult) -> None:
+    def _write_run_files(self, scanned: ScanResult) -> None:
         self.cfg.to_yaml(self.dir / "config.yaml")
         write_splits_csv(scanned.readable, self.dir / "splits.csv")
         (self.dir / "labels.json").write_text(json.dumps(self.labels, indent=2))
@@ -356,7 +362,8 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{stamp}-{cfg.model.replace('/', '_')}"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    unstarted_run = (run_dir / "config.yaml").is_file() and not (run_dir / STATE_FILE).exists()
+    if run_dir.exists() and any(run_dir.iterdir()) and not unstarted_run:
         raise UserError(
             f"run directory {run_dir} already exists and is not empty; use --resume {run_dir} to "
             "continue it, or choose another --out"
