@@ -54,3 +54,40 @@ def split_folders(tmp_path: Path) -> Path:
     for split, n, seed in (("train", 8, 1), ("val", 3, 2), ("test", 3, 3)):
         write_class_folders(root / split, {"blue": n, "red": n}, seed=seed)
     return root
+
+
+BOMB_MAX_PIXELS = 5_000  # tests pass this as max_pixels: normal fixtures are 40x48 = 1,920 px
+
+
+def write_odd_and_bad_files(folder: Path) -> tuple[set[str], set[str]]:
+    """Seed `folder` with every odd-but-readable and every unusable kind of file.
+
+    Returns (names that must be used, names that must be skipped and reported).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    base = colour_image(COLOURS["red"], seed=99)
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    ramp = (np.linspace(0, 65535, 40 * 48).reshape(48, 40)).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "sixteen_bit.png")
+    base.convert("P").save(folder / "palette.png")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "alpha.png")
+    base.convert("LA").save(folder / "grey_alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    base.save(folder / "exif_rotated.jpg", exif=exif)
+    readable = {"cmyk.jpg", "sixteen_bit.png", "palette.png", "alpha.png", "grey_alpha.png", "exif_rotated.jpg"}
+
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    (folder / "empty.png").write_bytes(b"")
+    jpeg = folder / "truncated.jpg"
+    colour_image(COLOURS["red"], seed=98, size=(64, 64)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:700])
+    (folder / "text.png").write_text("a text file with an image extension")
+    colour_image(COLOURS["red"], seed=97, size=(100, 100)).save(folder / "bomb.png")  # 10,000 px
+    bad = {"corrupt.jpg", "empty.png", "truncated.jpg", "text.png", "bomb.png"}
+
+    (folder / "notes.txt").write_text("not an image extension: ignored, not reported")
+    (folder / ".DS_Store").write_bytes(b"\0\1\2")
+    return readable, bad

@@ -54,8 +54,9 @@ class TrainConfig(BaseModel):
     lr_mult: float = Field(10.0, ge=1, description="Backbone lr = lr / lr_mult after unfreezing.")
     weight_decay: float = Field(1e-2, ge=0)
     schedule: Schedule = "flat_cos"
-    pct_start: float = Field(
-        0.25, gt=0, lt=1, description="Share of a stage spent warming up (one_cycle) or flat (flat_cos)."
+    pct_start: float | None = Field(
+        None, gt=0, lt=1,
+        description="Share of a stage that is flat (flat_cos, default 0.75) or warming up (one_cycle, default 0.25).",
     )
     warmup_fraction: float = Field(
         0.1, ge=0, lt=1, description="Linear warm-up share of the unfrozen stage (flat_cos, cosine)."

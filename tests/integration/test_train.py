@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import visiontune
-from tests.conftest import TINY_OPTIONS, write_class_folders
+from tests.conftest import BOMB_MAX_PIXELS, TINY_OPTIONS, write_class_folders, write_odd_and_bad_files
 from visiontune.errors import UserError
 
 
@@ -127,6 +127,13 @@ def test_lr_follows_schedule_and_discriminative_rates(binary_folder, tmp_path):
     assert seen[0]["head"] < 1e-2 and seen[-1]["head"] < seen[1]["head"]
 
 
+def test_default_flat_cos_holds_the_peak_for_three_quarters_of_the_stage(binary_folder, tmp_path):
+    run = fit(binary_folder, tmp_path, epochs=4, freeze_epochs=0, lr=1e-2)
+    head_lr = [float(row["lr"]) for row in read_metrics(run)]  # lr of each epoch's last step
+    assert head_lr[:3] == [pytest.approx(1e-2)] * 3  # epoch 3 ends before 75% of the steps
+    assert 0 < head_lr[3] < 0.9e-2
+
+
 def test_partial_freezing_keeps_early_stages_fixed(binary_folder, tmp_path):
     seen = {}
 
@@ -143,18 +150,18 @@ def test_partial_freezing_keeps_early_stages_fixed(binary_folder, tmp_path):
     assert all(seen[n] for n in late)
 
 
-def test_bad_files_are_skipped_and_listed(tmp_path):
-    data = write_class_folders(tmp_path / "d", {"blue": 10, "red": 10}, ext=".jpg")
-    (data / "red" / "corrupt.jpg").write_bytes(b"not an image at all")
-    (data / "red" / "empty.jpg").write_bytes(b"")
-    full = (data / "blue" / "blue_000.jpg").read_bytes()
-    (data / "blue" / "truncated.jpg").write_bytes(full[: len(full) // 2])
-    (data / "blue" / "notes.txt").write_text("ignored: not an image extension")
-    (data / "blue" / ".DS_Store").write_bytes(b"\0\1")
-    run = fit(data, tmp_path)
+def test_folder_of_odd_and_bad_files_trains_to_completion(tmp_path):
+    data = write_class_folders(tmp_path / "d", {"blue": 10, "red": 10})
+    readable, bad = write_odd_and_bad_files(data / "red")
+    run = fit(data, tmp_path, max_pixels=BOMB_MAX_PIXELS)
     skipped = {Path(s["path"]).name: s["reason"] for s in run.summary["skipped"]}
-    assert set(skipped) == {"corrupt.jpg", "empty.jpg", "truncated.jpg"}
-    assert "empty" in skipped["empty.jpg"] and "truncated" in skipped["truncated.jpg"]
+    assert set(skipped) == bad
+    assert "empty" in skipped["empty.png"] and "truncated" in skipped["truncated.jpg"]
+    assert "decompression bomb" in skipped["bomb.png"]
+    with (run.dir / "splits.csv").open() as handle:
+        used = {Path(row["path"]).name for row in csv.DictReader(handle)}
+    assert readable <= used and not (bad & used)
+    assert run.summary["epochs_run"] == 2
 
 
 def test_empty_class_folder_is_reported_and_left_out(binary_folder, tmp_path):
