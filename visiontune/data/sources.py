@@ -61,17 +61,14 @@ def discover(
         if root.suffix.lower() != ".csv":
             raise UserError(f"{root} is a file but not a .csv; pass an image folder or a CSV file")
         found = _from_csv(root)
-        fixed = {s.split for s in found.samples if s.split}
     elif label_regex:
         found = _from_regex(root, label_regex)
-        fixed = set()
     else:
         found = _from_folders(root)
-        fixed = {s.split for s in found.samples if s.split}
     if not found.samples:
         raise UserError(f"no images found in {root}")
     if split:
-        found.samples = _assign_splits(found, fixed, val_fraction, test_fraction, seed)
+        found.samples = _assign_splits(found.samples, val_fraction, test_fraction, seed)
     found.samples = canonical_order(found.samples)
     return found
 
@@ -151,20 +148,21 @@ def _from_regex(root: Path, pattern: str) -> SampleSet:
 
 
 def _assign_splits(
-    found: SampleSet, fixed: set[str], val_fraction: float, test_fraction: float, seed: int
+    samples: list[Sample], val_fraction: float, test_fraction: float, seed: int
 ) -> list[Sample]:
     """Keep splits given by the source; split what has none (stratified, seeded)."""
-    if fixed and any(not s.split for s in found.samples):  # `fixed` itself never holds ""
+    given = {s.split for s in samples}
+    if not given - {""}:
+        return stratified_split(samples, val_fraction, test_fraction, seed)
+    if "" in given:
         raise UserError("some rows have a split and some do not; give every row a split or none")
-    if not fixed:
-        return stratified_split(found.samples, val_fraction, test_fraction, seed)
-    if "train" not in fixed:
+    if "train" not in given:
         raise UserError("the data has no training split")
-    if "val" in fixed:
-        return found.samples
+    if "val" in given:
+        return samples
     # train (+ test) given: carve validation images out of train only.
-    train = [s for s in found.samples if s.split == "train"]
-    others = [s for s in found.samples if s.split != "train"]
+    train = [s for s in samples if s.split == "train"]
+    others = [s for s in samples if s.split != "train"]
     carved = stratified_split(train, val_fraction, 0.0, seed)
     return carved + others
 
