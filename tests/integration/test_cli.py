@@ -98,6 +98,14 @@ def test_check_names_every_bad_file_and_exits_1_on_leakage(tmp_path):
         assert name in table.stdout
 
 
+def test_check_exits_1_when_data_cannot_be_listed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    result = CliRunner().invoke(app, ["check", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no images found" in result.output and "empty class folders: a, b" in result.output
+
+
 def test_check_clean_data_exits_0(binary_folder):
     result = CliRunner().invoke(app, ["check", str(binary_folder)])
     assert result.exit_code == 0, result.output

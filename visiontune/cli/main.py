@@ -110,7 +110,11 @@ def check(
     """
     from visiontune.data.validate import check_data
 
-    report = check_data(data, label_regex, val_fraction, test_fraction, seed, max_pixels, min_size)
+    try:
+        report = check_data(data, label_regex, val_fraction, test_fraction, seed, max_pixels, min_size)
+    except UserError as exc:  # data that cannot even be listed is data with errors: exit 1, not 2
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

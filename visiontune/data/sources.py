@@ -66,7 +66,8 @@ def discover(
     else:
         found = _from_folders(root)
     if not found.samples:
-        raise UserError(f"no images found in {root}")
+        empty = f" (empty class folders: {', '.join(found.empty_classes)})" if found.empty_classes else ""
+        raise UserError(f"no images found in {root}{empty}")
     if split:
         found.samples = _assign_splits(found.samples, val_fraction, test_fraction, seed)
     found.samples = canonical_order(found.samples)
