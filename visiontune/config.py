@@ -72,6 +72,10 @@ class TrainConfig(BaseModel):
     )
     patience: int | None = Field(None, ge=1, description="Early-stopping patience in epochs.")
 
+    report: bool = Field(
+        True, description="At the end, evaluate the best checkpoint on test (else val) and write report.html."
+    )
+
     seed: int = 0
     device: Device = "auto"
     workers: int | None = Field(None, ge=0, description="DataLoader workers; default from free cores.")

@@ -53,6 +53,18 @@ class Run:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.metadata["preprocessing"])
 
+    @property
+    def threshold(self) -> dict | None:
+        """The binary decision threshold chosen on validation by `evaluate --target-recall`."""
+        path = self.dir / "threshold.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature fitted on validation by `evaluate --temperature` (1 if none)."""
+        path = self.dir / "calibration.json"
+        return float(json.loads(path.read_text())["temperature"]) if path.is_file() else 1.0
+
     def checkpoint_path(self, which: str = "best") -> Path:
         if which not in CHECKPOINTS:
             raise UserError(f"checkpoint must be one of {CHECKPOINTS}, not {which!r}")
@@ -66,3 +78,35 @@ class Run:
         model = timm.create_model(self.metadata["model"], pretrained=False, num_classes=len(self.labels))
         safetensors.torch.load_model(model, str(self.checkpoint_path(which)))
         return model.eval()
+
+    # -- the API behind `evaluate`, `predict`, `explain` and `report` ------------------------------
+
+    def evaluate(self, split: str = "test", data: str | None = None, **options) -> dict:
+        """Metrics, figures and predictions in RUN/eval/<name>/, then an updated report.html."""
+        from visiontune.evaluation.evaluate import evaluate_run
+        from visiontune.evaluation.report import write_report
+
+        result = evaluate_run(self, split=split, data=data, **options)
+        write_report(self)
+        return result
+
+    def predict(self, paths, out: str | Path | None = None, as_frame: bool = False, **options):
+        """Records (or a pandas DataFrame with `as_frame`) for image files and folders.
+
+        With `out` (.csv or .jsonl) rows stream to the file and only the counts are returned.
+        """
+        from visiontune.evaluation.predict import predict
+
+        result = predict(self, [paths] if isinstance(paths, (str, Path)) else list(paths), out=out, **options)
+        if as_frame:
+            try:
+                import pandas
+            except ImportError:
+                raise UserError("as_frame=True needs pandas (pip install pandas)") from None
+            return pandas.DataFrame(result.rows)
+        return result
+
+    def report(self) -> Path:
+        from visiontune.evaluation.report import write_report
+
+        return write_report(self)

@@ -75,6 +75,7 @@ def train(
     val_fraction: Annotated[Optional[float], Opt(help=_help("val_fraction"))] = None,
     test_fraction: Annotated[Optional[float], Opt(help=_help("test_fraction"))] = None,
     max_pixels: Annotated[Optional[int], Opt(help=_help("max_pixels"))] = None,
+    report: Annotated[Optional[bool], Opt("--report/--no-report", help=_help("report"))] = None,
     seed: Annotated[Optional[int], Opt(help=_help("seed"))] = None,
     device: Annotated[Optional[str], Opt(help="auto | cpu | cuda [config default: auto]")] = None,
     workers: Annotated[Optional[int], Opt(help=_help("workers"))] = None,
@@ -120,6 +121,66 @@ def check(
     else:
         _print_report(report)
     raise typer.Exit(1 if report.errors else 0)
+
+
+RunArg = Annotated[Path, typer.Argument(help="A run directory written by `visiontune train`.")]
+Device = Annotated[str, Opt(help="auto | cpu | cuda")]
+Workers = Annotated[Optional[int], Opt(help="Decoding worker processes; default from free cores.")]
+
+
+@app.command()
+def evaluate(
+    run_dir: RunArg,
+    split: Annotated[str, Opt(help="Split of the run to evaluate: test, val or train.")] = "test",
+    data: Annotated[Optional[str], Opt(help="Evaluate another folder instead (classes matched by name).")] = None,
+    target_recall: Annotated[Optional[float], Opt(help="Binary: choose on val the threshold reaching this recall; saved for predict.")] = None,
+    positive: Annotated[Optional[str], Opt(help="Binary: the positive class (default: the second label).")] = None,
+    temperature: Annotated[bool, Opt("--temperature", help="Fit temperature scaling on val; saved for predict.")] = False,
+    top_n: Annotated[int, Opt(help="Images in the top-losses and best-predictions grids.")] = 8,
+    batch_size: Annotated[int, Opt(help="Images per inference batch.")] = 64,
+    workers: Workers = None,
+    device: Device = "auto",
+) -> None:
+    """Metrics, confusion matrix, top losses, calibration (and ROC/PR for binary) in RUN/eval/."""
+    import visiontune
+
+    run = visiontune.load_run(run_dir)
+    result = run.evaluate(split, data, target_recall=target_recall, positive=positive, temperature=temperature,
+                          top_n=top_n, batch_size=batch_size, workers=workers, device=device)
+    _print_metrics(result)
+    stdout.print(f"written: {run.dir / 'eval' / result['name']} and {run.dir / 'report.html'}")
+
+
+@app.command()
+def predict(
+    run_dir: RunArg,
+    paths: Annotated[list[str], typer.Argument(help="Image files or folders (searched recursively).")],
+    out: Annotated[Path, Opt(help="Output file: .csv or .jsonl.")] = Path("predictions.csv"),
+    top_k: Annotated[int, Opt(help="Also list the k most likely classes.")] = 1,
+    tta: Annotated[bool, Opt("--tta", help="Average with the horizontally flipped image.")] = False,
+    batch_size: Annotated[int, Opt(help="Images per inference batch.")] = 32,
+    workers: Workers = None,
+    device: Device = "auto",
+) -> None:
+    """Label images with a trained run; unreadable files are listed, never fatal."""
+    import visiontune
+
+    result = visiontune.load_run(run_dir).predict(
+        paths, out=out, top_k=top_k, tta=tta, batch_size=batch_size, workers=workers, device=device
+    )
+    stdout.print(f"{result.written} prediction(s) written to {out}")
+    if result.skipped:
+        err.print(f"[yellow]{len(result.skipped)} file(s) skipped[/yellow] (also in {out.with_name(out.stem + '.skipped.csv')}):")
+        for row in result.skipped:
+            err.print(f"  {row['path']}: {row['skipped']}", markup=False)
+
+
+@app.command()
+def report(run_dir: RunArg) -> None:
+    """(Re)write RUN/report.html from what the run directory holds."""
+    import visiontune
+
+    stdout.print(f"written: {visiontune.load_run(run_dir).report()}")
 
 
 @app.command()
@@ -179,6 +240,29 @@ def _print_evaluation(summary: dict) -> None:
             metrics, n = summary[split], sum(summary["counts"][split].values())
             table.add_row(split, str(n), f"{metrics['accuracy']:.3f}", f"{metrics['f1_macro']:.3f}", f"{metrics['loss']:.4f}")
     stdout.print(table)
+
+
+def _print_metrics(result: dict) -> None:
+    table = Table(title=f"{result['name']}: {result['n']} images")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="right")
+    for label, row in result["per_class"].items():
+        table.add_row(label, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    stdout.print(table)
+    ci = result["bootstrap_95ci"]
+    stdout.print(
+        f"accuracy {result['accuracy']:.4f} (95% CI {ci['accuracy'][0]:.3f}-{ci['accuracy'][1]:.3f}), "
+        f"macro-F1 {result['f1_macro']:.4f} (95% CI {ci['f1_macro'][0]:.3f}-{ci['f1_macro'][1]:.3f}), "
+        f"ECE {result['calibration']['uncalibrated']['ece']:.4f}"
+    )
+    for pair in result["most_confused"][:5]:
+        stdout.print(f"  {pair['actual']} -> {pair['predicted']}: {pair['count']}")
+    threshold = result.get("binary", {}).get("threshold")
+    if threshold:
+        stdout.print(
+            f"threshold {threshold['threshold']:.4f} for '{threshold['positive']}' (chosen on val for recall >= "
+            f"{threshold['target_recall']}): precision {threshold['here']['precision']:.3f}, recall {threshold['here']['recall']:.3f}"
+        )
 
 
 def main() -> None:

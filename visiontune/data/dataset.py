@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,3 +47,9 @@ def collate_skipping_none(batch: list) -> tuple[torch.Tensor, torch.Tensor] | No
     """Drop samples that failed to load; a batch with none left becomes None (the loop skips it)."""
     kept = [item for item in batch if item is not None]
     return default_collate(kept) if kept else None
+
+
+def default_workers() -> int:
+    """Loader workers from the cores this process may use, leaving one for the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, max(0, cores - 1))

@@ -101,7 +101,7 @@ def _class_folders(folder: Path, split: str) -> SampleSet:
         )
     found = SampleSet([], "folders", str(folder))
     for class_dir in classes:
-        files = _image_files(class_dir)
+        files = list_image_files(class_dir)
         if not files:
             found.empty_classes.append(class_dir.name)
         found.samples += [Sample(str(p), class_dir.name, split) for p in files]
@@ -136,7 +136,7 @@ def _from_regex(root: Path, pattern: str) -> SampleSet:
         raise UserError("--label-regex needs a group for the label, e.g. '_(\\d+)\\.' or '(?P<label>...)'")
     found = SampleSet([], "regex", str(root))
     unmatched = 0
-    for path in _image_files(root):
+    for path in list_image_files(root):
         match = regex.search(path.name)
         if not match:
             unmatched += 1
@@ -181,6 +181,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[Path]:
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files below `folder`, recursively, sorted; hidden files and folders left out."""
     hidden = lambda p: any(part.startswith(".") for part in p.relative_to(folder).parts)  # noqa: E731
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not hidden(p))

@@ -93,8 +93,11 @@ def check_data(
     return report
 
 
-def check_samples(sample_set: SampleSet, max_pixels: int, min_side: int = 32) -> DataReport:
-    scanned = scan(sample_set.samples, max_pixels)
+def check_samples(
+    sample_set: SampleSet, max_pixels: int, min_side: int = 32, scanned: ScanResult | None = None
+) -> DataReport:
+    """The checks on a listed data set; `scanned` reuses a scan already made (training makes one)."""
+    scanned = scanned or scan(sample_set.samples, max_pixels)
     labels = sample_set.labels
     counts: dict[str, dict[str, int]] = {label: {} for label in labels}
     for sample in scanned.readable:

@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from visiontune._version import __version__
 from visiontune.config import TrainConfig, build_config
-from visiontune.data.dataset import ImageDataset, collate_skipping_none
+from visiontune.data.dataset import ImageDataset, collate_skipping_none, default_workers
 from visiontune.data.sources import Sample, SampleSet, discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.data.transforms import Preprocessing
-from visiontune.data.validate import ScanResult, scan
+from visiontune.data.validate import ScanResult, check_samples, scan
+from visiontune.devices import resolve_device
 from visiontune.errors import UserError
 from visiontune.models.backbones import check_weights_available, create_classifier
 from visiontune.models.param_groups import apply_freezing, build_param_groups, fixed_parameter_names
@@ -127,6 +128,9 @@ class FineTune:
         self.pre = Preprocessing.from_model(self.model, cfg.image_size)
         self.metadata = self._metadata()
         self.empty_classes = source.empty_classes
+        self.data_checks = check_samples(source, cfg.max_pixels, scanned=scanned)
+        for problem in self.data_checks.errors if not resuming else []:
+            log.warning("data check: %s", problem)
         if not resuming:
             self._write_run_files(scanned)
         self._build_training(scanned.readable)
@@ -330,6 +334,11 @@ class FineTune:
             "timings": timings,
             "skipped": [{"path": s.path, "reason": s.reason} for s in scanned.skipped],
             "empty_classes": self.empty_classes,
+            "data_checks": {
+                "errors": self.data_checks.errors,
+                "warnings": self.data_checks.warnings,
+                "cross_split_duplicates": self.data_checks.cross_split_duplicates,
+            },
             "device": str(self.fabric.device),
         }
         write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=2))
@@ -337,20 +346,16 @@ class FineTune:
         final = load_state(self.dir / STATE_FILE)
         save_state(self.dir / STATE_FILE, {**final, "finished": True})
         self.console.print(_summary_line(summary, self.dir))
-        return Run(self.dir)
-
-
-def default_workers() -> int:
-    """Loader workers from the cores this process may use, leaving one for the model."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, max(0, cores - 1))
+        run = Run(self.dir)
+        if self.cfg.report:
+            split = "test" if "test" in self.eval_loaders else "val"
+            run.evaluate(split, device=self.cfg.device, workers=self.cfg.workers)
+            self.console.print(f"report: {self.dir / 'report.html'}")
+        return run
 
 
 def _make_fabric(device: str) -> Fabric:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
+    if resolve_device(device).type == "cuda":
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         return Fabric(accelerator="cuda", devices=1, precision=precision)
     return Fabric(accelerator="cpu", devices=1, precision="32-true")

@@ -23,6 +23,7 @@ def plot_history(history: list[dict], path: Path, freeze_epochs: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -34,6 +35,7 @@ def plot_history(history: list[dict], path: Path, freeze_epochs: int) -> None:
     ax_acc.plot(epochs, [r["val_f1_macro"] for r in history], "s--", label="val macro-F1")
     ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if 0 < freeze_epochs < len(history):
             ax.axvline(freeze_epochs + 0.5, color="grey", linestyle=":", label="unfrozen")
         ax.legend()

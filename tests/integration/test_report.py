@@ -1,0 +1,56 @@
+"""report.html is self-contained and renders every section in a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import visiontune
+from tests.conftest import TINY_OPTIONS, write_class_folders
+from visiontune.evaluation.report import SECTIONS
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+# Flags for a closed network and a root user, as documented for this environment.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(html: Path, *args: str) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, html.as_uri()],
+                              capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    data = write_class_folders(root / "data", {"blue": 12, "red": 12})
+    (data / "red" / "broken.png").write_bytes(b"broken")
+    run = visiontune.fit(data, out=str(root / "run"), **{**TINY_OPTIONS, "report": True})
+    return run.dir / "report.html"
+
+
+def test_report_is_self_contained(report):
+    html = report.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "the report must not load anything"
+    assert html.count("data:image/png;base64,") >= 5  # curves, confusion, losses, best, reliability, roc
+    assert "broken.png" in html and "not a readable image" in html
+    for section in SECTIONS:
+        assert f'id="{section}"' in html
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    dom = chromium(report, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom.stdout, f"section {section} missing from the rendered page"
+    assert "Evaluation" in dom.stdout and "Most confused" in dom.stdout
+    shot = tmp_path / "report.png"
+    result = chromium(report, "--window-size=1200,1600", f"--screenshot={shot}")
+    assert result.returncode == 0 and shot.stat().st_size > 20_000

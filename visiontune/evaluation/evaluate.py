@@ -1,0 +1,183 @@
+"""`visiontune evaluate`: metrics, figures and saved predictions for one split or another folder.
+
+Every choice (decision threshold, temperature) is made on the validation split; the split being
+evaluated is only ever predicted. Outputs go to RUN/eval/<name>/.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from visiontune.data.sources import discover
+from visiontune.errors import UserError
+from visiontune.evaluation import metrics as m
+from visiontune.evaluation import plots
+from visiontune.evaluation.calibration import fit_temperature
+from visiontune.evaluation.inference import iter_logits, probabilities
+from visiontune.devices import resolve_device
+from visiontune.run import Run
+from visiontune.training.checkpoint import write_text_atomic
+
+HONESTY_NOTE = (
+    "The evaluated images were used for no choice: the checkpoint, the decision threshold and the "
+    "temperature were all chosen on the validation split. Evaluation never augments."
+)
+
+
+def evaluate_run(
+    run: Run,
+    split: str = "test",
+    data: str | None = None,
+    target_recall: float | None = None,
+    positive: str | None = None,
+    temperature: bool = False,
+    top_n: int = 8,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+) -> dict:
+    """Evaluate the best checkpoint of `run` on `split`, or on the folder `data` (out of domain)."""
+    labels = run.labels
+    name, samples, unknown = _select(run, split, data)
+    model, transform = run.load_model("best"), run.preprocessing.eval_transform()
+    infer = dict(batch_size=batch_size, workers=workers, device=resolve_device(device),
+                 max_pixels=run.config.max_pixels)
+
+    def predict(pairs: list[tuple[str, int]]) -> tuple[list[str], np.ndarray, np.ndarray, list]:
+        target_of = dict(pairs)
+        paths, logits, skipped = [], [], []
+        for batch in iter_logits(model, transform, [p for p, _ in pairs], **infer):
+            paths += batch.paths
+            logits.append(batch.logits.reshape(len(batch.paths), -1))
+            skipped += batch.skipped
+        stacked = np.concatenate(logits) if paths else np.zeros((0, len(labels)), np.float32)
+        return paths, stacked, np.array([target_of[p] for p in paths], dtype=int), skipped
+
+    paths, logits, y_true, skipped = predict(samples)
+    if not paths:
+        raise UserError(f"no readable images to evaluate in {name}")
+    binary = len(labels) == 2
+    positive_index = _positive_index(labels, positive) if binary else None
+    needs_val = temperature or target_recall is not None
+    if target_recall is not None and not binary:
+        raise UserError("--target-recall applies to binary tasks only")
+    val = predict(_split_samples(run, "val")) if needs_val and name != "val" else (paths, logits, y_true, skipped)
+
+    out_dir = run.dir / "eval" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probs = probabilities(logits, run.metadata["loss"])
+    result = {
+        "name": name, "split": split if data is None else None, "data": data,
+        "checkpoint": "best", "labels": labels, "notes": [HONESTY_NOTE],
+        **m.classification_metrics(y_true, probs, labels),
+        "bootstrap_95ci": m.bootstrap_intervals(y_true, probs.argmax(axis=1), len(labels)),
+        "calibration": {"uncalibrated": m.expected_calibration_error(y_true, probs)},
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "unknown_classes": unknown,
+    }
+    if temperature:
+        t = fit_temperature(val[1], val[2])
+        _save_json(run.dir / "calibration.json", {"temperature": t, "fitted_on": "val"})
+        result["calibration"]["temperature"] = t
+        result["calibration"]["temperature_scaled"] = m.expected_calibration_error(
+            y_true, probabilities(logits, run.metadata["loss"], t)
+        )
+    if binary:
+        result["binary"] = _binary_block(run, labels, positive_index, y_true, probs, val, target_recall)
+    if data is not None:
+        result["in_domain"] = _in_domain_reference(run)
+    _write_outputs(run, out_dir, result, paths, y_true, probs, top_n)
+    return result
+
+
+def _select(run: Run, split: str, data: str | None) -> tuple[str, list[tuple[str, int]], list[str]]:
+    if data is None:
+        return split, _split_samples(run, split), []
+    index = {label: i for i, label in enumerate(run.labels)}
+    found = discover(data, split=False).samples
+    unknown = sorted({s.label for s in found if s.label not in index})
+    samples = [(s.path, index[s.label]) for s in found if s.label in index]
+    if not samples:
+        raise UserError(f"none of the classes in {data} match the run's classes {run.labels}")
+    return f"ood-{Path(data).name}", samples, unknown
+
+
+def _split_samples(run: Run, split: str) -> list[tuple[str, int]]:
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split must be train, val or test, not {split!r}")
+    index = {label: i for i, label in enumerate(run.labels)}
+    samples = [(s.path, index[s.label]) for s in discover(run.dir / "splits.csv").samples if s.split == split]
+    if not samples:
+        raise UserError(f"the run has no {split} split; try --split val, or --data DIR for another folder")
+    return samples
+
+
+def _positive_index(labels: list[str], positive: str | None) -> int:
+    if positive is None:
+        return 1
+    if positive not in labels:
+        raise UserError(f"--positive {positive!r} is not one of the classes {labels}")
+    return labels.index(positive)
+
+
+def _binary_block(run: Run, labels: list[str], positive: int, y_true: np.ndarray, probs: np.ndarray,
+                  val: tuple, target_recall: float | None) -> dict:
+    block = {"positive": labels[positive], **m.binary_curves(y_true, probs[:, positive], positive)}
+    if target_recall is not None:
+        val_probs = probabilities(val[1], run.metadata["loss"])
+        chosen = m.threshold_for_recall(val[2], val_probs[:, positive], positive, target_recall)
+        saved = {"positive": labels[positive], "threshold": chosen["threshold"], "target_recall": target_recall,
+                 "val_recall": chosen["recall"], "val_precision": chosen["precision"], "fitted_on": "val"}
+        _save_json(run.dir / "threshold.json", saved)
+    saved = run.threshold
+    if saved is not None:
+        at = m.precision_recall_at(y_true, probs[:, positive], positive, saved["threshold"])
+        block["threshold"] = {**saved, "here": at}
+    return block
+
+
+def _in_domain_reference(run: Run) -> dict | None:
+    summary = run.summary
+    for split in ("test", "val"):
+        if split in summary:
+            return {"split": split, "accuracy": summary[split]["accuracy"], "f1_macro": summary[split]["f1_macro"]}
+    return None
+
+
+def _write_outputs(run: Run, out_dir: Path, result: dict, paths: list[str], y_true: np.ndarray,
+                   probs: np.ndarray, top_n: int) -> None:
+    labels = result["labels"]
+    y_pred = probs.argmax(axis=1)
+    losses = -np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None))
+    rows = [
+        {"path": p, "actual": labels[t], "predicted": labels[q], "probability": float(probs[i, q]),
+         "loss": float(losses[i]), **{f"p_{label}": float(probs[i, k]) for k, label in enumerate(labels)}}
+        for i, (p, t, q) in enumerate(zip(paths, y_true, y_pred))
+    ]
+    with (out_dir / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    order = np.argsort(-losses, kind="stable")
+    worst = [rows[i] for i in order[:top_n]]
+    best = [rows[i] for i in order[::-1][:top_n]]
+    figures = {"confusion_matrix": "confusion_matrix.png", "top_losses": "top_losses.png",
+               "best_predictions": "best_predictions.png", "reliability": "reliability.png"}
+    plots.confusion_matrix_png(result["confusion_matrix"], out_dir / figures["confusion_matrix"])
+    plots.prediction_grid_png(worst, "top losses (worst predictions)", out_dir / figures["top_losses"], run.config.max_pixels)
+    plots.prediction_grid_png(best, "most confident correct predictions", out_dir / figures["best_predictions"], run.config.max_pixels)
+    plots.reliability_png({k: v for k, v in result["calibration"].items() if isinstance(v, dict)}, out_dir / figures["reliability"])
+    if result.get("binary", {}).get("roc_auc") is not None:
+        figures["roc_pr"] = "roc_pr.png"
+        plots.binary_curves_png(result["binary"], result["binary"]["positive"], out_dir / figures["roc_pr"])
+    result["top_losses"] = worst
+    result["figures"] = figures
+    _save_json(out_dir / "metrics.json", result)
+
+
+def _save_json(path: Path, values: dict) -> None:
+    write_text_atomic(path, json.dumps(values, indent=2))

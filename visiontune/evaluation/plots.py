@@ -1,0 +1,85 @@
+"""Evaluation figures as PNG files (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from visiontune.data.images import ImageLoadError, load_rgb  # noqa: E402
+
+THUMBNAIL = 160
+
+
+def confusion_matrix_png(matrix: dict, path: Path) -> None:
+    labels, counts = matrix["labels"], np.array(matrix["counts"])
+    normalized = np.array(matrix["normalized"])
+    size = max(4.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            colour = "white" if normalized[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{counts[i, j]}\n{normalized[i, j]:.0%}", ha="center", va="center", color=colour, fontsize=9)
+    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xlabel="predicted", ylabel="actual",
+           title="confusion matrix (count, row %)")
+    ax.set_xticklabels(labels, rotation=45, ha="right")
+    ax.set_yticklabels(labels)
+    _save(fig, path)
+
+
+def binary_curves_png(curves: dict, positive: str, path: Path) -> None:
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(10, 4.5))
+    roc.plot(curves["roc"]["fpr"], curves["roc"]["tpr"])
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    roc.set(title=f"ROC, AUC {curves['roc_auc']:.3f}", xlabel="false positive rate", ylabel="true positive rate")
+    pr.plot(curves["pr"]["recall"], curves["pr"]["precision"])
+    pr.set(title=f"precision-recall, AP {curves['average_precision']:.3f}", xlabel=f"recall ({positive})",
+           ylabel="precision", ylim=(0, 1.02))
+    for ax in (roc, pr):
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def reliability_png(calibration: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, values in calibration.items():
+        bins = values["bins"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-",
+                label=f"{name}: ECE {values['ece']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def prediction_grid_png(rows: list[dict], title: str, path: Path, max_pixels: int) -> None:
+    """Thumbnails with actual / predicted / probability of the prediction, as in fastai's top losses."""
+    cols = min(4, max(1, len(rows)))
+    n_rows = max(1, -(-len(rows) // cols))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3 * cols, 3.3 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        try:
+            image = load_rgb(row["path"], max_pixels)
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            ax.imshow(image)
+        except ImageLoadError:
+            ax.text(0.5, 0.5, "unreadable", ha="center")
+        ok = row["actual"] == row["predicted"]
+        ax.set_title(f"{row['actual']} -> {row['predicted']}\np={row['probability']:.2f} loss={row['loss']:.2f}",
+                     fontsize=9, color="green" if ok else "red")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=90)
+    plt.close(fig)

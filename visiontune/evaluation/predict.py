@@ -1,0 +1,104 @@
+"""`visiontune predict`: labels for any number of images, streamed to CSV or JSON lines.
+
+Rows are written as batches finish, so memory stays flat however many images there are. Binary
+runs with a saved threshold (`evaluate --target-recall`) decide with it; a fitted temperature
+(`evaluate --temperature`) scales the probabilities.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from visiontune.devices import resolve_device
+from visiontune.errors import UserError
+from visiontune.evaluation.inference import expand_image_paths, iter_logits, probabilities
+from visiontune.run import Run
+from visiontune.training.checkpoint import atomic_write
+
+FORMATS = (".csv", ".jsonl")
+
+
+@dataclass
+class Predictions:
+    rows: list[dict] = field(default_factory=list)  # empty when streamed to a file
+    written: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+
+def iter_rows(
+    run: Run, inputs: Sequence[str], top_k: int = 1, tta: bool = False, batch_size: int = 32,
+    workers: int | None = None, device: str = "auto",
+) -> Iterator[dict]:
+    """One dict per image: a prediction row, or {"path", "skipped": reason} for an unreadable file."""
+    labels = run.labels
+    top_k = max(1, min(top_k, len(labels)))
+    threshold = run.threshold if len(labels) == 2 else None
+    batches = iter_logits(
+        run.load_model("best"), run.preprocessing.eval_transform(), expand_image_paths(inputs),
+        batch_size=batch_size, workers=workers, max_pixels=run.config.max_pixels, tta=tta,
+        device=resolve_device(device),
+    )
+    for batch in batches:
+        yield from ({"path": path, "skipped": reason} for path, reason in batch.skipped)
+        if not batch.paths:
+            continue
+        probs = probabilities(batch.logits, run.metadata["loss"], run.temperature)
+        for path, p in zip(batch.paths, probs):
+            order = np.argsort(-p, kind="stable")[:top_k]
+            chosen = int(order[0])
+            if threshold is not None:
+                positive = labels.index(threshold["positive"])
+                chosen = positive if p[positive] >= threshold["threshold"] else 1 - positive
+            row = {"path": path, "label": labels[chosen], "probability": float(p[chosen])}
+            for rank, k in enumerate(order, start=1):
+                row[f"top{rank}_label"], row[f"top{rank}_probability"] = labels[k], float(p[k])
+            yield row
+
+
+def predict(
+    run: Run, inputs: Sequence[str], out: str | Path | None = None, **options
+) -> Predictions:
+    """Predict `inputs` (files or folders); with `out`, rows stream to that .csv / .jsonl file."""
+    result = Predictions()
+    if out is None:
+        for row in iter_rows(run, inputs, **options):
+            (result.skipped if "skipped" in row else result.rows).append(row)
+        return result
+    out = Path(out)
+    if out.suffix not in FORMATS:
+        raise UserError(f"--out must end in {' or '.join(FORMATS)}, not {out.name!r}")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = None
+            for row in iter_rows(run, inputs, **options):
+                if "skipped" in row:
+                    result.skipped.append(row)
+                    continue
+                if out.suffix == ".jsonl":
+                    handle.write(json.dumps(row) + "\n")
+                else:
+                    writer = writer or _csv_writer(handle, row)
+                    writer.writerow(row)
+                result.written += 1
+
+    atomic_write(out, write)
+    if result.skipped:
+        skipped_path = out.with_name(out.stem + ".skipped.csv")
+        with skipped_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "skipped"])
+            writer.writeheader()
+            writer.writerows(result.skipped)
+    return result
+
+
+def _csv_writer(handle, first_row: dict) -> csv.DictWriter:
+    writer = csv.DictWriter(handle, fieldnames=list(first_row))
+    writer.writeheader()
+    return writer
