@@ -85,6 +85,7 @@ def test_target_recall_threshold_is_chosen_on_val_and_used_by_predict(binary_run
     chosen = probs[:, 1] >= saved["threshold"]
     assert chosen[y_true == 1].mean() >= 0.9  # recall on val at the saved threshold
     assert result["binary"]["threshold"]["here"]["recall"] >= 0.9
+    assert "Optimistic" in result["notes"][0]  # val chose the threshold: said so
 
     images = [p for p in (Path(run.config.data) / "blue").iterdir()]
     predicted = run.predict(images, workers=0).rows
@@ -106,6 +107,7 @@ def test_out_of_domain_folder_matches_classes_by_name(binary_run, tmp_path):
     other = write_class_folders(tmp_path / "web", {"red": 5, "blue": 5, "green": 3}, seed=7)
     result = binary_run.evaluate(data=str(other), workers=0)
     assert result["name"] == "ood-web" and result["n"] == 10
+    assert "used for no choice" in result["notes"][0]
     assert result["unknown_classes"] == ["green"]
     assert result["in_domain"]["split"] == "test"
     assert "ood-web" in (binary_run.dir / "report.html").read_text()

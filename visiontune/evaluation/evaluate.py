@@ -23,8 +23,12 @@ from visiontune.run import Run
 from visiontune.training.checkpoint import write_text_atomic
 
 HONESTY_NOTE = (
-    "The evaluated images were used for no choice: the checkpoint, the decision threshold and the "
-    "temperature were all chosen on the validation split. Evaluation never augments."
+    "Test and out-of-domain images are used for no choice: the checkpoint, the decision threshold and "
+    "the temperature are all chosen on the validation split. Evaluation never augments."
+)
+SELECTION_NOTE = (
+    "Optimistic: the {split} split took part in choices (it is what the model was {what} on), so "
+    "these numbers overstate performance on new images. Evaluate the test split or --data for that."
 )
 
 
@@ -72,7 +76,7 @@ def evaluate_run(
     probs = probabilities(logits, run.metadata["loss"])
     result = {
         "name": name, "split": split if data is None else None, "data": data,
-        "checkpoint": "best", "labels": labels, "notes": [HONESTY_NOTE],
+        "checkpoint": "best", "labels": labels, "notes": _notes(name),
         **m.classification_metrics(y_true, probs, labels),
         "bootstrap_95ci": m.bootstrap_intervals(y_true, probs.argmax(axis=1), len(labels)),
         "calibration": {"uncalibrated": m.expected_calibration_error(y_true, probs)},
@@ -92,6 +96,14 @@ def evaluate_run(
         result["in_domain"] = _in_domain_reference(run)
     _write_outputs(run, out_dir, result, paths, y_true, probs, top_n)
     return result
+
+
+def _notes(name: str) -> list[str]:
+    if name == "val":
+        return [SELECTION_NOTE.format(split="validation", what="selected and calibrated")]
+    if name == "train":
+        return [SELECTION_NOTE.format(split="training", what="fitted")]
+    return [HONESTY_NOTE]
 
 
 def _select(run: Run, split: str, data: str | None) -> tuple[str, list[tuple[str, int]], list[str]]:

@@ -46,6 +46,7 @@ section{margin-bottom:2.5em}code{background:#f3f3f3;padding:0 .2em}
 <section id="evaluation"><h2>Evaluation</h2><p class="note">{{ honesty }}</p>
 {% if not evals %}<p>Not evaluated yet: run <code>visiontune evaluate {{ run_dir }}</code>.</p>{% endif %}
 {% for ev in evals %}<h3 id="eval-{{ ev.name }}">{{ ev.name }} ({{ ev.n }} images)</h3>
+{% for note in ev.notes if note != honesty %}<p class="warn">{{ note }}</p>{% endfor %}
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>
 <tr><td>accuracy</td><td>{{ "%.4f"|format(ev.accuracy) }}</td><td>{{ ci(ev.bootstrap_95ci.accuracy) }}</td></tr>
 <tr><td>macro-F1</td><td>{{ "%.4f"|format(ev.f1_macro) }}</td><td>{{ ci(ev.bootstrap_95ci.f1_macro) }}</td></tr>
