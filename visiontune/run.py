@@ -106,6 +106,14 @@ class Run:
             return pandas.DataFrame(result.rows)
         return result
 
+    def explain(self, paths, method: str = "gradcam", target: str | None = None,
+                out_dir: str | Path | None = None, **options) -> list[dict]:
+        """Overlay PNGs of the regions that drove the prediction (default out_dir RUN/explain)."""
+        from visiontune.explain import explain
+
+        return explain(self, [paths] if isinstance(paths, (str, Path)) else list(paths),
+                       method=method, target=target, out_dir=out_dir, **options)
+
     def report(self) -> Path:
         from visiontune.evaluation.report import write_report
 

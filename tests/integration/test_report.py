@@ -42,6 +42,8 @@ def test_report_is_self_contained(report):
     assert "broken.png" in html and "not a readable image" in html
     for section in SECTIONS:
         assert f'id="{section}"' in html
+    explanations = html[html.index('id="explanations"'):html.index('id="timings"')]
+    assert "Grad-CAM on the worst predictions" in explanations and "data:image/png;base64," in explanations
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")

@@ -176,6 +176,28 @@ def predict(
 
 
 @app.command()
+def explain(
+    run_dir: RunArg,
+    images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    method: Annotated[str, Opt(help="gradcam (last convolutional stage) or lime.")] = "gradcam",
+    target: Annotated[Optional[str], Opt(help="Class to explain (default: the predicted one).")] = None,
+    out: Annotated[Optional[Path], Opt(help="Folder for the overlay PNGs (default RUN/explain).")] = None,
+) -> None:
+    """Overlay PNGs showing which regions drove each prediction."""
+    import visiontune
+
+    records = visiontune.load_run(run_dir).explain(images, method=method, target=target, out_dir=out)
+    for record in records:
+        if "skipped" in record:
+            err.print(f"skipped {record['path']}: {record['skipped']}", markup=False)
+        else:
+            stdout.print(
+                f"{record['path']}: {record['label']} ({record['probability']:.2f}), explaining "
+                f"{record['target']} -> {record['overlay']}", markup=False,
+            )
+
+
+@app.command()
 def report(run_dir: RunArg) -> None:
     """(Re)write RUN/report.html from what the run directory holds."""
     import visiontune

@@ -26,6 +26,7 @@ HONESTY_NOTE = (
     "Test and out-of-domain images are used for no choice: the checkpoint, the decision threshold and "
     "the temperature are all chosen on the validation split. Evaluation never augments."
 )
+EXPLAINED_IMAGES = 4
 SELECTION_NOTE = (
     "Optimistic: the {split} split took part in choices (it is what the model was {what} on), so "
     "these numbers overstate performance on new images. Evaluate the test split or --data for that."
@@ -95,6 +96,7 @@ def evaluate_run(
     if data is not None:
         result["in_domain"] = _in_domain_reference(run)
     _write_outputs(run, out_dir, result, paths, y_true, probs, top_n)
+    _explain_worst(run, result, out_dir / "explanations")
     return result
 
 
@@ -189,6 +191,18 @@ def _write_outputs(run: Run, out_dir: Path, result: dict, paths: list[str], y_tr
     result["top_losses"] = worst
     result["figures"] = figures
     _save_json(out_dir / "metrics.json", result)
+
+
+def _explain_worst(run: Run, result: dict, out_dir: Path) -> None:
+    """Grad-CAM of the worst predictions, for the report; a backbone it cannot handle is noted."""
+    from visiontune.explain import explain
+
+    worst = [row["path"] for row in result["top_losses"][:EXPLAINED_IMAGES]]
+    try:
+        explain(run, worst, method="gradcam", out_dir=out_dir)
+    except UserError as exc:
+        result["notes"].append(f"no Grad-CAM examples: {exc}")
+        _save_json(out_dir.parent / "metrics.json", result)
 
 
 def _save_json(path: Path, values: dict) -> None:
