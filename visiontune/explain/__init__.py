@@ -9,18 +9,17 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from visiontune.data.images import ImageLoadError, is_image_file, load_rgb
+from visiontune.data.images import ImageLoadError, load_rgb
+from visiontune.data.sources import list_image_files
 from visiontune.errors import UserError
+from visiontune.evaluation.inference import probabilities
 from visiontune.explain.cam import default_layer, gradcam
 from visiontune.explain.lime import DEFAULT_SAMPLES, lime_map
 from visiontune.explain.overlay import model_view, overlay, save_png
-
-if TYPE_CHECKING:
-    from visiontune.run import Run
+from visiontune.run import Run
 
 METHODS = ("gradcam", "lime")
 
@@ -46,8 +45,8 @@ def explain(
     """
     if method not in METHODS:
         raise UserError(f"unknown explanation method {method!r}; use one of {', '.join(METHODS)}")
-    if not isinstance(run, _run_class()):
-        run = _run_class()(run)
+    if not isinstance(run, Run):
+        run = Run(run)
     labels = run.labels
     target_index = None if target is None else _class_index(target, labels)
     model, pre = run.load_model(), run.preprocessing
@@ -67,7 +66,7 @@ def explain(
             continue
         batch = torch.stack([tensor for _, tensor in loaded])
         with torch.no_grad():
-            probs = model(batch).softmax(dim=1)
+            probs = torch.from_numpy(probabilities(model(batch).numpy(), run.metadata["loss"]))
         predicted = probs.argmax(dim=1).tolist()
         targets = predicted if target_index is None else [target_index] * len(loaded)
         views = model_view(batch, pre)
@@ -86,12 +85,6 @@ def explain(
     return records
 
 
-def _run_class() -> type[Run]:
-    from visiontune.run import Run  # run.py may import this package: import it only when called
-
-    return Run
-
-
 def _class_index(name: str, labels: list[str]) -> int:
     if name in labels:
         return labels.index(name)
@@ -104,7 +97,7 @@ def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
     """Files as given (a bad one is reported, not dropped); folders as their image files."""
     for path in map(Path, paths):
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            yield from list_image_files(path)
         else:
             yield path
 
