@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from visiontune.cli.anomaly import anomaly_app
 from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError
 
@@ -30,6 +31,9 @@ app = typer.Typer(
 )
 stdout = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+app.add_typer(anomaly_app, name="anomaly", help="Unsupervised defect detection: PaDiM and PatchCore.")
 
 
 def _help(field: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import timm
@@ -170,3 +171,12 @@ def test_load_state_refuses_pickled_objects(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_state(tmp_path / "state.pt")
     assert not marker.exists()
+
+
+def test_atomic_write_gives_files_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644

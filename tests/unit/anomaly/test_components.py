@@ -1,0 +1,169 @@
+"""Components on plain tensors: the Gaussian (robust with threads set), the streaming coreset and
+its memory bound, AUPRO, thresholds, feature layers and weights."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from visiontune.anomaly.components.coreset import greedy_coreset, nearest_neighbours
+from visiontune.anomaly.components.features import create_extractor, resolve_layers
+from visiontune.anomaly.components.gaussian import PositionGaussians
+from visiontune.anomaly.components.threshold import (
+    best_f1_threshold,
+    choose_threshold,
+    good_quantile_threshold,
+)
+from visiontune.anomaly.evaluate import aupro
+from visiontune.anomaly.patchcore import PatchCore
+from visiontune.errors import UserError
+
+
+@pytest.fixture
+def two_threads():
+    """Batched torch.linalg.inv fails under MKL after set_num_threads(n >= 2): reproduce that setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _reference_mahalanobis(features: np.ndarray, queries: np.ndarray, regularization: float) -> np.ndarray:
+    """Per position in float64: [positions, n, d] training features, [positions, q, d] queries."""
+    out = []
+    for train, query in zip(features, queries):
+        cov = np.cov(train, rowvar=False) + regularization * np.eye(train.shape[1])
+        diff = query - train.mean(0)
+        out.append(np.sqrt(np.einsum("qd,de,qe->q", diff, np.linalg.inv(cov), diff)))
+    return np.stack(out)
+
+
+def test_streamed_gaussians_match_a_float64_reference_with_threads_set(two_threads) -> None:
+    generator = torch.Generator().manual_seed(0)
+    positions, n, dim = 300, 40, 24  # > one position block, so the blocked code paths run
+    mixing = torch.randn(positions, dim, dim, generator=generator)
+    features = torch.randn(positions, n, dim, generator=generator) @ mixing + 5.0
+    queries = torch.randn(positions, 7, dim, generator=generator) @ mixing + 5.0
+    batches = [features[:, i:i + 9] for i in range(0, n, 9)]  # uneven batches, merged by Chan's update
+    gaussians = PositionGaussians(regularization=0.01).fit(iter(batches))
+    expected = _reference_mahalanobis(features.double().numpy(), queries.double().numpy(), 0.01)
+    np.testing.assert_allclose(gaussians.mahalanobis(queries).numpy(), expected, rtol=2e-3)
+
+
+def test_gaussians_of_rank_deficient_features_stay_finite(two_threads) -> None:
+    features = torch.randn(64, 5, 1).expand(64, 5, 30).contiguous()  # 30 identical channels, 5 samples
+    gaussians = PositionGaussians().fit([features])
+    assert torch.isfinite(gaussians.mahalanobis(features + 1.0)).all()
+
+
+def test_coreset_keeps_the_ratio_and_covers_better_than_random() -> None:
+    generator = torch.Generator().manual_seed(0)
+    plane = torch.rand(4000, 2, generator=generator)  # points of a square, seen in 16 dimensions
+    rows = plane @ torch.randn(2, 16, generator=generator)
+    chunks = list(rows.split(700))
+    selected = greedy_coreset(iter(chunks), ratio=0.02, projection_dim=8)
+    assert selected.shape == (80, 16)
+    greedy_radius = nearest_neighbours(rows, selected)[0].max()
+    random_rows = rows[torch.randperm(4000, generator=generator)[:80]]
+    assert greedy_radius < 0.8 * nearest_neighbours(rows, random_rows)[0].max()
+    single_chunk = greedy_coreset([rows], ratio=0.02, projection_dim=8)
+    assert greedy_radius <= 1.25 * nearest_neighbours(rows, single_chunk)[0].max()
+    assert torch.equal(selected, greedy_coreset(iter(chunks), ratio=0.02, projection_dim=8))  # seeded
+
+
+def test_patchcore_fit_holds_one_chunk_whatever_the_number_of_images() -> None:
+    """The memory bound behind "10,000 images in 8 GiB", scaled down: embedding batches stream
+    through, none is kept once chunked, and the bank is ratio x patches for any chunk size."""
+    alive: list[weakref.ref] = []
+    most_alive = 0
+
+    def stream(images: int, batch: int = 4):
+        nonlocal most_alive
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(images // batch):
+            embedding = torch.randn(batch, 12, 4, 4, generator=generator)  # 16 patches per image
+            alive.append(weakref.ref(embedding))
+            yield embedding
+            del embedding
+            most_alive = max(most_alive, sum(ref() is not None for ref in alive))
+
+    for images, chunk_patches in ((100, 128), (400, 128), (400, 512)):
+        alive.clear()
+        most_alive = 0
+        model = PatchCore(coreset_ratio=0.05, chunk_patches=chunk_patches).fit(stream(images))
+        assert len(model.memory_bank_) == round(0.05 * images * 16)
+        assert most_alive <= chunk_patches // (4 * 16) + 1  # batches waiting to form one chunk
+
+
+def test_aupro_matches_a_threshold_by_threshold_computation() -> None:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 20, 20), bool)
+    masks[0, 2:6, 2:8] = masks[0, 12:15, 12:19] = masks[1, 5:9, 5:9] = True
+    maps = rng.random(masks.shape) + 0.6 * masks
+    value = aupro(maps, masks)
+    from scipy import ndimage
+
+    regions = [(i, r) for i, m in enumerate(masks) for r in _regions(ndimage.label(m, np.ones((3, 3)))[0])]
+    fprs, pros = [0.0], [0.0]
+    for t in np.sort(np.unique(maps))[::-1]:
+        predicted = maps >= t
+        fprs.append((predicted & ~masks).sum() / (~masks).sum())
+        pros.append(np.mean([predicted[i][r].mean() for i, r in regions]))
+    fprs, pros = np.array(fprs), np.array(pros)
+    inside = fprs <= 0.3
+    x, y = np.r_[fprs[inside], 0.3], np.r_[pros[inside], np.interp(0.3, fprs, pros)]
+    assert value == pytest.approx(np.trapezoid(y, x) / 0.3, rel=1e-9)
+    assert aupro(masks.astype(float), masks) == pytest.approx(1.0)
+
+
+def _regions(labelled: np.ndarray) -> list[np.ndarray]:
+    return [labelled == k for k in range(1, labelled.max() + 1)]
+
+
+def test_threshold_rules() -> None:
+    good = np.arange(100, dtype=float)
+    assert good_quantile_threshold(good, 0.05) == pytest.approx(94.05)
+    assert choose_threshold(good, None, 0.01) == (pytest.approx(98.01), "good-quantile")
+    threshold, rule = choose_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.25, 0.8, 0.9]), 0.01)
+    assert rule == "f1-optimal" and threshold == 0.25  # F1 6/7 at 0.25 beats 0.8 at 0.8
+    assert best_f1_threshold(np.array([0.1, 0.9]), np.array([0, 1])) == (0.9, 1.0)
+
+
+def test_default_layers_follow_the_stride_and_unknown_layers_are_named() -> None:
+    assert resolve_layers("resnet18", None, "patchcore") == ["layer2", "layer3"]
+    assert resolve_layers("resnet18", None, "padim") == ["layer1", "layer2", "layer3"]
+    assert resolve_layers("tf_efficientnet_lite0", None, "patchcore") == ["blocks.2", "blocks.4"]
+    assert resolve_layers("resnet18", ["layer3", "layer1"], "padim") == ["layer1", "layer3"]
+    with pytest.raises(UserError, match="unknown layer.*layer9.*choose from act1, layer1"):
+        resolve_layers("resnet18", ["layer9"], "patchcore")
+
+
+def test_weights_file_loads_like_train_and_offline_weights_fail_with_one_message(tmp_path) -> None:
+    source = timm.create_model("test_resnet", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    extractor = create_extractor("test_resnet", ["layer1", "layer2"], True, tmp_path / "w.pth", seed=0)
+    image = torch.randn(1, 3, 64, 64)
+    expected = timm.create_model("test_resnet", features_only=True, out_indices=(1, 2))
+    expected.load_state_dict({k: v for k, v in source.state_dict().items() if k in expected.state_dict()})
+    with torch.no_grad():
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(extractor(image), expected.eval()(image)))
+    with pytest.raises(UserError, match="--weights FILE.*--no-pretrained"):
+        create_extractor("test_resnet", ["layer1"], True, None, seed=0)
+    with pytest.raises(UserError, match="weights file not found"):
+        create_extractor("test_resnet", ["layer1"], True, tmp_path / "missing.safetensors", seed=0)
+
+
+def test_separable_blur_equals_torchvisions_gaussian_blur() -> None:
+    import torch.nn.functional as F
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
+
+    patches = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    upsampled = F.interpolate(patches[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
+    torch.testing.assert_close(smooth_anomaly_map(patches, 64), expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,253 @@
+"""The glue around a detector: images in, backbone features, scores and maps out; save and reload.
+
+A detector (PatchCore, PaDiM) is fitted once from a stream of patch embeddings, with no gradients
+and no trainer. `AnomalyModel` feeds it from image files, sets the decision threshold from held-out
+good images, and saves everything as one safetensors file (backbone weights cut after the last
+used layer, detector tensors) plus one JSON file, so a model directory reloads anywhere, offline,
+to the same scores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch.utils.data import DataLoader
+
+from visiontune._version import __version__
+from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
+from visiontune.anomaly.components.features import FeatureExtractor
+from visiontune.anomaly.components.threshold import GOOD_QUANTILE, choose_threshold
+from visiontune.anomaly.data import (
+    DEFAULT_MAX_PIXELS,
+    AnomalyImages,
+    anomaly_transform,
+    collate_images,
+)
+from visiontune.data.transforms import Preprocessing
+from visiontune.data.validate import Skipped
+from visiontune.devices import resolve_device
+from visiontune.errors import UserError
+from visiontune.training.checkpoint import atomic_write, write_text_atomic
+
+MODEL_FILE = "model.safetensors"
+INFO_FILE = "model.json"
+FORMAT = "visiontune-anomaly/1"
+
+
+class PatchDetector(ABC):
+    """A fit-once detector over patch embeddings [B, C, h, w] from a backbone's feature maps."""
+
+    method: ClassVar[str]
+
+    @abstractmethod
+    def params(self) -> dict:
+        """Constructor arguments, JSON-serialisable."""
+
+    @abstractmethod
+    def embed(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Patch embeddings [B, C, h, w] from the backbone's maps (finest first)."""
+
+    @abstractmethod
+    def fit(self, embeddings: Iterable[torch.Tensor]) -> PatchDetector:
+        """Fit from a stream of embedding batches of good images, consuming it once."""
+
+    @abstractmethod
+    def score(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch scores [B, h, w] and image scores [B], or None for "the anomaly map's maximum"."""
+
+    @abstractmethod
+    def fitted_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything `fit` learned, for saving."""
+
+    @abstractmethod
+    def restore(self, tensors: dict[str, torch.Tensor]) -> PatchDetector:
+        """Set the fitted attributes from `fitted_tensors` of an earlier fit."""
+
+    @abstractmethod
+    def to(self, device: torch.device) -> PatchDetector: ...
+
+
+@dataclass
+class Scores:
+    """Readable images in input order with their scores [n] and maps [n, size, size]."""
+
+    paths: list[Path]
+    scores: np.ndarray
+    maps: np.ndarray
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+class AnomalyModel:
+    """Backbone + detector + preprocessing; fitted: threshold_, threshold_rule_, map_range_, fit_info_."""
+
+    def __init__(self, extractor: FeatureExtractor, detector: PatchDetector, preprocessing: Preprocessing,
+                 batch_size: int = 16, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.extractor = extractor.to(self.device)
+        self._inference_extractor = self.extractor.folded()
+        self.detector = detector
+        self.preprocessing = preprocessing
+        self.batch_size = batch_size
+        self.workers = workers
+        self.max_pixels = max_pixels
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.input_size
+
+    def fit(self, train: Sequence[Path], holdout: Sequence[Path], defects: Sequence[Path] = (),
+            false_alarm_rate: float = 0.01) -> AnomalyModel:
+        """Fit the detector on `train`, then the threshold on held-out good (and defect) images."""
+        started = time.perf_counter()
+        skipped: list[Skipped] = []
+        stats = {"load_s": 0.0, "features_s": 0.0, "images": 0}
+        self.detector.fit(self._embeddings(train, skipped, stats))
+        train_images = stats.pop("images")
+        stats["detector_s"] = time.perf_counter() - started - stats["load_s"] - stats["features_s"]
+        calibration_started = time.perf_counter()
+        good_scores, self.map_range_ = self._score_good(holdout, skipped)
+        bad = self.score(defects) if defects else None
+        self.threshold_, rule = choose_threshold(good_scores, bad.scores if bad else None, false_alarm_rate)
+        self.threshold_rule_ = {"rule": rule}
+        if rule == GOOD_QUANTILE:
+            self.threshold_rule_["false_alarm_rate"] = false_alarm_rate
+        stats["threshold_s"] = time.perf_counter() - calibration_started
+        stats["total_s"] = time.perf_counter() - started
+        skipped += bad.skipped if bad else []
+        self.fit_info_ = {
+            "train_images": train_images, "holdout_images": len(good_scores),
+            "defect_images": len(bad.paths) if bad else 0, "skipped": [vars(s) for s in skipped],
+            "timings": {k: round(v, 3) for k, v in stats.items()},
+        }
+        return self
+
+    def _score_good(self, holdout: Sequence[Path], skipped: list[Skipped]) -> tuple[np.ndarray, tuple[float, float]]:
+        """Held-out scores, and the heat-map range: the median pixel (over every 4th row and column,
+        so memory stays small however many images are held out) and the maximum pixel."""
+        scores, pixels, high = [], [], -np.inf
+        for part in self.score_batches(holdout):
+            skipped += part.skipped
+            scores.append(part.scores)
+            pixels.append(part.maps[:, ::4, ::4].ravel())
+            high = max(high, float(part.maps.max(initial=-np.inf)))
+        if not np.isfinite(high):
+            raise UserError("none of the held-out good images could be read; see the skipped files")
+        return np.concatenate(scores), (float(np.median(np.concatenate(pixels))), high)
+
+    def _loader(self, paths: Sequence[Path]) -> DataLoader:
+        dataset = AnomalyImages(paths, anomaly_transform(self.preprocessing), self.max_pixels)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
+                          collate_fn=collate_images, pin_memory=self.device.type == "cuda")
+
+    def _batches(self, paths: Sequence[Path], skipped: list[Skipped], stats: dict | None = None
+                 ) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        """Readable image batches on the device with their indices; unreadable files into `skipped`."""
+        batches = iter(self._loader(paths))
+        while True:
+            waited = time.perf_counter()
+            try:
+                images, indices, bad = next(batches)
+            except StopIteration:
+                return
+            if stats is not None:
+                stats["load_s"] += time.perf_counter() - waited
+            skipped += [Skipped(str(paths[i]), reason) for i, reason in bad]
+            if images is not None:
+                yield images.to(self.device, non_blocking=True), indices
+
+    @torch.inference_mode()
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.detector.embed(self._inference_extractor(images))
+
+    def _embeddings(self, paths: Sequence[Path], skipped: list[Skipped], stats: dict) -> Iterator[torch.Tensor]:
+        for images, indices in self._batches(paths, skipped, stats):
+            started = time.perf_counter()
+            embedding = self._embed(images)
+            stats["features_s"] += time.perf_counter() - started
+            stats["images"] += len(indices)
+            yield embedding
+        if stats["images"] < 2:
+            raise UserError(f"fitting needs at least 2 readable good images, got {stats['images']}; see the skipped files")
+
+    @torch.inference_mode()
+    def score_batches(self, paths: Sequence[Path]) -> Iterator[Scores]:
+        """Scores batch by batch, so any number of images is scored in bounded memory."""
+        skipped: list[Skipped] = []
+        for images, indices in self._batches(paths, skipped):
+            patch_scores, image_scores = self.detector.score(self._embed(images))
+            maps = smooth_anomaly_map(patch_scores, self.image_size)
+            if image_scores is None:
+                image_scores = maps.flatten(1).amax(dim=1)
+            yield Scores([paths[i] for i in indices], image_scores.float().cpu().numpy(),
+                         maps.float().cpu().numpy(), skipped.copy())
+            skipped.clear()
+        if skipped:
+            yield self._no_scores(skipped)
+
+    def score(self, paths: Sequence[Path]) -> Scores:
+        parts = list(self.score_batches(paths)) or [self._no_scores([])]
+        return Scores([p for part in parts for p in part.paths], np.concatenate([p.scores for p in parts]),
+                      np.concatenate([p.maps for p in parts]), [s for part in parts for s in part.skipped])
+
+    def _no_scores(self, skipped: list[Skipped]) -> Scores:
+        size = self.image_size
+        return Scores([], np.zeros(0, np.float32), np.zeros((0, size, size), np.float32), list(skipped))
+
+    def info(self) -> dict:
+        return {
+            "format": FORMAT, "visiontune_version": __version__, "method": self.detector.method,
+            "backbone": self.extractor.backbone, "layers": self.extractor.layers,
+            "preprocessing": self.preprocessing.to_dict(), "detector": self.detector.params(),
+            "threshold": self.threshold_, "threshold_rule": self.threshold_rule_,
+            "map_range": list(self.map_range_), "fit": self.fit_info_,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        tensors = {f"extractor.{k}": v for k, v in self.extractor.state_dict().items()}
+        tensors |= {f"detector.{k}": v for k, v in self.detector.fitted_tensors().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(directory / MODEL_FILE, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+        write_text_atomic(directory / INFO_FILE, json.dumps(self.info(), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def restore(cls, info: dict, tensors: dict[str, torch.Tensor], detector: PatchDetector,
+                **options) -> AnomalyModel:
+        """The model `save` wrote: `info` and `tensors` as read from its files."""
+        extractor = FeatureExtractor(info["backbone"], info["layers"])
+        extractor.load_state_dict(_with_prefix(tensors, "extractor."))
+        detector.restore(_with_prefix(tensors, "detector."))
+        model = cls(extractor, detector, Preprocessing.from_dict(info["preprocessing"]), **options)
+        model.detector.to(model.device)
+        model.threshold_, model.threshold_rule_ = info["threshold"], info["threshold_rule"]
+        model.map_range_, model.fit_info_ = tuple(info["map_range"]), info["fit"]
+        return model
+
+
+def read_model_files(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = Path(directory).expanduser()
+    if not (directory / INFO_FILE).is_file() or not (directory / MODEL_FILE).is_file():
+        raise UserError(f"{directory} is not an anomaly model directory (needs {INFO_FILE} and {MODEL_FILE})")
+    try:
+        info = json.loads((directory / INFO_FILE).read_text())
+        tensors = safetensors.torch.load_file(str(directory / MODEL_FILE))
+    except Exception as exc:  # json and safetensors each raise their own types for damaged files
+        raise UserError(f"{directory} holds a damaged model file: {exc}") from None
+    if info.get("format") != FORMAT:
+        raise UserError(f"{directory / INFO_FILE} is not a {FORMAT} model (format: {info.get('format')})")
+    return info, tensors
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

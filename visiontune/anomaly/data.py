@@ -1,0 +1,153 @@
+"""Image folders for anomaly detection: good images to fit on, labelled sets to evaluate, masks.
+
+Two layouts are read for evaluation:
+- MVTec AD: `ROOT/test/good/`, `ROOT/test/<defect type>/`, masks `ROOT/ground_truth/<type>/<name>_mask.png`.
+- plain: `ROOT/good/`, `ROOT/<defect type>/`, masks as same-name images in a parallel folder
+  `ROOT/masks/<type>/` (or `ROOT/ground_truth/<type>/`).
+A mask is matched by file stem, with or without a `_mask` suffix and with any image extension.
+Masks are binarised after resizing to the model's input size: a pixel is defective when its grey
+value, bilinearly resized, is at least half of full scale (>= 127.5 of 255); soft mask edges
+thus count where they are more than half on. A defect image whose mask is empty still counts as
+anomalous for image-level metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from visiontune.config import TrainConfig
+from visiontune.data.images import ImageLoadError, load_rgb
+from visiontune.data.sources import list_image_files
+from visiontune.data.transforms import Preprocessing
+from visiontune.errors import UserError
+
+GOOD = "good"
+MASK_FOLDERS = ("ground_truth", "masks")
+DEFAULT_MAX_PIXELS = TrainConfig.model_fields["max_pixels"].default
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    defect: str  # GOOD or the defect type (its folder name)
+    mask: Path | None = None
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.defect != GOOD
+
+
+def good_images(path: str | Path) -> list[Path]:
+    """The images of a folder of good images, or of an MVTec AD category's `train/good`."""
+    folder = _existing_folder(path)
+    if (folder / "train" / GOOD).is_dir():
+        folder = folder / "train" / GOOD
+    files = list_image_files(folder)
+    if not files:
+        raise UserError(f"no images found in {folder}")
+    return files
+
+
+def input_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given and the images inside given folders; a missing path is a user error."""
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            found += list_image_files(path)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"no such file or folder: {given}")
+    if not found:
+        raise UserError(f"no images found in {', '.join(map(str, paths))}")
+    return found
+
+
+def labelled_images(root: str | Path) -> list[LabelledImage]:
+    """Good and defect images with their masks, from either layout (see the module docstring)."""
+    root = _existing_folder(root)
+    images_root = root / "test" if (root / "test").is_dir() else root
+    types = [d.name for d in sorted(images_root.iterdir())
+             if d.is_dir() and not d.name.startswith(".") and d.name not in MASK_FOLDERS + ("train",)]
+    if GOOD not in types or len(types) < 2:
+        raise UserError(
+            f"{root} needs a '{GOOD}' folder and at least one defect folder beside it "
+            f"(found: {', '.join(types) or 'none'}); expected ROOT/test/good + ROOT/test/<type> "
+            "(MVTec AD) or ROOT/good + ROOT/<type>"
+        )
+    images = []
+    for defect in types:
+        masks = _masks_by_stem(root, defect)
+        images += [LabelledImage(p, defect, masks.get(p.stem)) for p in list_image_files(images_root / defect)]
+    if not any(image.is_anomalous for image in images) or all(image.is_anomalous for image in images):
+        raise UserError(f"{root} needs both good and defect images")
+    return images
+
+
+def _masks_by_stem(root: Path, defect: str) -> dict[str, Path]:
+    masks = {}
+    for name in MASK_FOLDERS:
+        folder = root / name / defect
+        if folder.is_dir():
+            masks.update({p.stem.removesuffix("_mask"): p for p in list_image_files(folder)})
+    return masks
+
+
+def _existing_folder(path: str | Path) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"not a folder: {path}")
+    return folder
+
+
+def anomaly_transform(preprocessing: Preprocessing) -> v2.Compose:
+    """Resize to a square of the input size, no crop: defects at the border stay in view and the
+    map lines up with the whole image and its mask."""
+    size = preprocessing.input_size
+    mode = InterpolationMode(preprocessing.interpolation if preprocessing.interpolation != "random" else "bilinear")
+    return v2.Compose([
+        v2.ToImage(), v2.Resize((size, size), interpolation=mode, antialias=True),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing.mean, preprocessing.std),
+    ])
+
+
+class AnomalyImages(Dataset):
+    """Items (image tensor, index, None) or, for a file that cannot be used, (None, index, reason)."""
+
+    def __init__(self, paths: Sequence[Path], transform: v2.Compose, max_pixels: int) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
+        try:
+            return self.transform(load_rgb(self.paths[index], self.max_pixels)), index, None
+        except ImageLoadError as exc:
+            return None, index, str(exc)
+
+
+def collate_images(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    """(stacked readable images or None, their indices, (index, reason) of unreadable ones)."""
+    kept = [(image, index) for image, index, _ in items if image is not None]
+    skipped = [(index, reason) for image, index, reason in items if image is None]
+    images = torch.stack([image for image, _ in kept]) if kept else None
+    return images, [index for _, index in kept], skipped
+
+
+def load_mask(path: Path, size: int, max_pixels: int) -> np.ndarray:
+    """Boolean [size, size] mask by the binarisation rule above; raises ImageLoadError."""
+    grey = load_rgb(path, max_pixels).convert("L")
+    resized = grey.convert("F").resize((size, size), Image.BILINEAR)
+    return np.asarray(resized) >= 127.5

@@ -1,0 +1,98 @@
+"""PatchCore (Roth et al., 2022): a memory bank of good patches, nearest-neighbour distances.
+
+Patches are locally aware (3x3 average of each backbone map, coarser maps upsampled bilinearly and
+concatenated); the bank is a greedy k-center coreset chosen while the features stream past
+(see components/coreset.py), so fitting never holds all training patches. A patch's score is its
+distance to the nearest bank patch; the image score is the largest patch score, re-weighted by how
+isolated its nearest bank patch is among its own neighbours (the paper's eq. 7, as in anomalib).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from visiontune.anomaly.base import PatchDetector
+from visiontune.anomaly.components.coreset import greedy_coreset, nearest_neighbours
+from visiontune.anomaly.components.features import patch_embedding
+
+LOCAL_POOL = 3
+
+
+class PatchCore(PatchDetector):
+    """Fitted: memory_bank_ [m, dim]."""
+
+    method = "patchcore"
+
+    def __init__(self, coreset_ratio: float = 0.01, num_neighbors: int = 9, projection_dim: int = 256,
+                 chunk_patches: int = 2**16, seed: int = 0) -> None:
+        if not 0 < coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        self.coreset_ratio = coreset_ratio
+        self.num_neighbors = num_neighbors
+        self.projection_dim = projection_dim
+        self.chunk_patches = chunk_patches
+        self.seed = seed
+
+    def params(self) -> dict:
+        return dict(coreset_ratio=self.coreset_ratio, num_neighbors=self.num_neighbors,
+                    projection_dim=self.projection_dim, chunk_patches=self.chunk_patches, seed=self.seed)
+
+    def embed(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return patch_embedding(maps, pool_size=LOCAL_POOL, mode="bilinear")
+
+    def fit(self, embeddings: Iterable[torch.Tensor]) -> PatchCore:
+        chunks = self._patch_chunks(embeddings)
+        self.memory_bank_ = greedy_coreset(chunks, self.coreset_ratio, self.projection_dim, self.seed)
+        return self
+
+    def _patch_chunks(self, embeddings: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Rows [n, dim] of about `chunk_patches` patches; each batch is dropped once chunked."""
+        pending: list[torch.Tensor] = []
+        rows = 0
+        for batch in embeddings:
+            pending.append(_rows(batch))
+            rows += len(pending[-1])
+            if rows >= self.chunk_patches:
+                chunk, pending, rows = torch.cat(pending), [], 0
+                yield chunk
+        if pending:
+            yield torch.cat(pending)
+
+    def score(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, height, width = embedding.shape
+        features = _rows(embedding)
+        distances, nearest = nearest_neighbours(features, self.memory_bank_)
+        patch_scores = distances.view(batch, height * width)
+        worst = patch_scores.argmax(dim=1)
+        images = torch.arange(batch, device=embedding.device)
+        image_scores = patch_scores[images, worst] * self._isolation_weight(
+            features.view(batch, height * width, -1)[images, worst], nearest.view(batch, -1)[images, worst]
+        )
+        return patch_scores.view(batch, height, width), image_scores
+
+    def _isolation_weight(self, worst_patches: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """1 - softmax over the distances to the nearest bank patch and its bank neighbours."""
+        k = min(self.num_neighbors, len(self.memory_bank_))
+        if k < 2:
+            return torch.ones(len(worst_patches), device=worst_patches.device)
+        _, support = nearest_neighbours(self.memory_bank_[nearest], self.memory_bank_, k)
+        distances = torch.linalg.vector_norm(worst_patches[:, None] - self.memory_bank_[support], dim=-1)
+        return 1 - torch.softmax(distances, dim=1)[:, 0]
+
+    def fitted_tensors(self) -> dict[str, torch.Tensor]:
+        return {"memory_bank": self.memory_bank_}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> PatchCore:
+        self.memory_bank_ = tensors["memory_bank"]
+        return self
+
+    def to(self, device: torch.device) -> PatchCore:
+        self.memory_bank_ = self.memory_bank_.to(device)
+        return self
+
+
+def _rows(embedding: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B*h*w, C], patches of an image consecutive in row-major order."""
+    return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
