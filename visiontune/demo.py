@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # A small random-init ResNet learns the scratches in under a minute on 2 CPU cores
-# (92.5% test accuracy in 45 s measured with these settings; see docs/benchmarks.md).
+# (92.5% test accuracy in 43 s measured with these settings; see docs/benchmarks.md).
 DEMO_OPTIONS = dict(
     model="resnet10t", pretrained=False, image_size=64, epochs=20, freeze_epochs=0,
     batch_size=32, lr=3e-3, augment="none", schedule="one_cycle", seed=0,
