@@ -56,3 +56,16 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     shot = tmp_path / "report.png"
     result = chromium(report, "--window-size=1200,1600", f"--screenshot={shot}")
     assert result.returncode == 0 and shot.stat().st_size > 20_000
+
+
+def test_a_failing_report_step_does_not_fail_a_finished_run(tmp_path, monkeypatch, caplog):
+    import visiontune.run
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("grad-cam exploded")
+
+    monkeypatch.setattr(visiontune.run.Run, "evaluate", broken)
+    data = write_class_folders(tmp_path / "data", {"blue": 12, "red": 12})
+    run = visiontune.fit(data, out=str(tmp_path / "run"), **{**TINY_OPTIONS, "report": True})
+    assert run.summary["epochs_run"] == 2
+    assert "evaluation report failed" in caplog.text and "grad-cam exploded" in caplog.text

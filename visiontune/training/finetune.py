@@ -349,8 +349,13 @@ class FineTune:
         run = Run(self.dir)
         if self.cfg.report:
             split = "test" if "test" in self.eval_loaders else "val"
-            run.evaluate(split, device=self.cfg.device, workers=self.cfg.workers)
-            self.console.print(f"report: {self.dir / 'report.html'}")
+            try:
+                run.evaluate(split, device=self.cfg.device, workers=self.cfg.workers)
+            except Exception as exc:  # the trained run is complete; a failed extra must not hide it
+                log.warning("the run finished, but its evaluation report failed (%s: %s); retry with "
+                            "visiontune evaluate %s", type(exc).__name__, exc, self.dir)
+            else:
+                self.console.print(f"report: {self.dir / 'report.html'}")
         return run
 
 
