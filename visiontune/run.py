@@ -97,7 +97,7 @@ class Run:
         """
         from visiontune.evaluation.predict import predict
 
-        result = predict(self, [paths] if isinstance(paths, (str, Path)) else list(paths), out=out, **options)
+        result = predict(self, _as_list(paths), out=out, **options)
         if as_frame:
             try:
                 import pandas
@@ -111,10 +111,14 @@ class Run:
         """Overlay PNGs of the regions that drove the prediction (default out_dir RUN/explain)."""
         from visiontune.explain import explain
 
-        return explain(self, [paths] if isinstance(paths, (str, Path)) else list(paths),
-                       method=method, target=target, out_dir=out_dir, **options)
+        return explain(self, _as_list(paths), method=method, target=target, out_dir=out_dir, **options)
 
     def report(self) -> Path:
         from visiontune.evaluation.report import write_report
 
         return write_report(self)
+
+
+def _as_list(paths) -> list:
+    """One path or many, as a list."""
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)

@@ -26,12 +26,8 @@ from visiontune._version import __version__
 from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
 from visiontune.anomaly.components.features import FeatureExtractor
 from visiontune.anomaly.components.threshold import GOOD_QUANTILE, choose_threshold
-from visiontune.anomaly.data import (
-    DEFAULT_MAX_PIXELS,
-    AnomalyImages,
-    anomaly_transform,
-    collate_images,
-)
+from visiontune.anomaly.data import DEFAULT_MAX_PIXELS, anomaly_transform
+from visiontune.data.dataset import ImageFiles, collate_image_files
 from visiontune.data.transforms import Preprocessing
 from visiontune.data.validate import Skipped
 from visiontune.devices import resolve_device
@@ -145,9 +141,9 @@ class AnomalyModel:
         return np.concatenate(scores), (float(np.median(np.concatenate(pixels))), high)
 
     def _loader(self, paths: Sequence[Path]) -> DataLoader:
-        dataset = AnomalyImages(paths, anomaly_transform(self.preprocessing), self.max_pixels)
+        dataset = ImageFiles(paths, anomaly_transform(self.preprocessing), self.max_pixels)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
-                          collate_fn=collate_images, pin_memory=self.device.type == "cuda")
+                          collate_fn=collate_image_files, pin_memory=self.device.type == "cuda")
 
     def _batches(self, paths: Sequence[Path], skipped: list[Skipped], stats: dict | None = None
                  ) -> Iterator[tuple[torch.Tensor, list[int]]]:

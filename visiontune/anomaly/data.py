@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from visiontune.config import TrainConfig
-from visiontune.data.images import ImageLoadError, load_rgb
+from visiontune.data.images import load_rgb
 from visiontune.data.sources import list_image_files
 from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError
@@ -118,32 +117,6 @@ def anomaly_transform(preprocessing: Preprocessing) -> v2.Compose:
         v2.ToImage(), v2.Resize((size, size), interpolation=mode, antialias=True),
         v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing.mean, preprocessing.std),
     ])
-
-
-class AnomalyImages(Dataset):
-    """Items (image tensor, index, None) or, for a file that cannot be used, (None, index, reason)."""
-
-    def __init__(self, paths: Sequence[Path], transform: v2.Compose, max_pixels: int) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
-        try:
-            return self.transform(load_rgb(self.paths[index], self.max_pixels)), index, None
-        except ImageLoadError as exc:
-            return None, index, str(exc)
-
-
-def collate_images(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
-    """(stacked readable images or None, their indices, (index, reason) of unreadable ones)."""
-    kept = [(image, index) for image, index, _ in items if image is not None]
-    skipped = [(index, reason) for image, index, reason in items if image is None]
-    images = torch.stack([image for image, _ in kept]) if kept else None
-    return images, [index for _, index in kept], skipped
 
 
 def load_mask(path: Path, size: int, max_pixels: int) -> np.ndarray:

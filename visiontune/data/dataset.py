@@ -49,6 +49,30 @@ def collate_skipping_none(batch: list) -> tuple[torch.Tensor, torch.Tensor] | No
     return default_collate(kept) if kept else None
 
 
+class ImageFiles(Dataset):
+    """Unlabelled files for inference: items (image, index, None), or (None, index, reason)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: Callable, max_pixels: int) -> None:
+        self.paths, self.transform, self.max_pixels = list(paths), transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
+        try:
+            return self.transform(load_rgb(self.paths[index], self.max_pixels)), index, None
+        except ImageLoadError as exc:
+            return None, index, str(exc)
+
+
+def collate_image_files(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    """(stacked readable images or None, their indices, (index, reason) of unreadable ones)."""
+    kept = [(image, index) for image, index, _ in items if image is not None]
+    skipped = [(index, reason) for image, index, reason in items if image is None]
+    images = torch.stack([image for image, _ in kept]) if kept else None
+    return images, [index for _, index in kept], skipped
+
+
 def default_workers() -> int:
     """Loader workers from the cores this process may use, leaving one for the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

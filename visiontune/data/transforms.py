@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass
 import timm.data
 import torch
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 AUGMENT_PRESETS = ("none", "light", "medium", "heavy")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.data.sources import discover
+from visiontune.devices import resolve_device
 from visiontune.errors import UserError
 from visiontune.evaluation import metrics as m
 from visiontune.evaluation import plots
 from visiontune.evaluation.calibration import fit_temperature
 from visiontune.evaluation.inference import iter_logits, probabilities
-from visiontune.devices import resolve_device
 from visiontune.run import Run
 from visiontune.training.checkpoint import write_text_atomic
 

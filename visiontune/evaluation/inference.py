@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from visiontune.data.dataset import default_workers
-from visiontune.data.images import ImageLoadError, load_rgb
+from visiontune.data.dataset import ImageFiles, collate_image_files, default_workers
 from visiontune.data.sources import list_image_files
 from visiontune.errors import UserError
 from visiontune.training.losses import ClassificationLoss
@@ -27,28 +26,6 @@ class PredictedBatch:
     paths: list[str]
     logits: np.ndarray  # (len(paths), n_classes), float32
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-
-class _Files(Dataset):
-    def __init__(self, paths: Sequence[str], transform, max_pixels: int) -> None:
-        self.paths, self.transform, self.max_pixels = list(paths), transform, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        try:
-            image = self.transform(load_rgb(self.paths[index], self.max_pixels))
-        except ImageLoadError as exc:
-            return index, None, str(exc)
-        return index, image, None
-
-
-def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    good = [(i, image) for i, image, _ in items if image is not None]
-    bad = [(i, reason) for i, image, reason in items if image is None]
-    images = torch.stack([image for _, image in good]) if good else None
-    return [i for i, _ in good], images, bad
 
 
 def iter_logits(
@@ -68,11 +45,11 @@ def iter_logits(
         model = model.to(memory_format=torch.channels_last)
     workers = default_workers() if workers is None else workers
     loader = DataLoader(
-        _Files(paths, transform, max_pixels), batch_size=batch_size, num_workers=workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
+        ImageFiles(paths, transform, max_pixels), batch_size=batch_size, num_workers=workers,
+        collate_fn=collate_image_files, pin_memory=device.type == "cuda",
     )
     with torch.inference_mode():
-        for indices, images, bad in loader:
+        for images, indices, bad in loader:
             logits = np.zeros((0, 0), dtype=np.float32)
             if images is not None:
                 images = images.to(device, non_blocking=True)

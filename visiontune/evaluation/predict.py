@@ -17,7 +17,11 @@ import numpy as np
 
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
-from visiontune.evaluation.inference import expand_image_paths, iter_logits, probabilities
+from visiontune.evaluation.inference import (
+    expand_image_paths,
+    iter_logits,
+    probabilities,
+)
 from visiontune.run import Run
 from visiontune.training.checkpoint import atomic_write
 
