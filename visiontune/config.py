@@ -7,11 +7,19 @@ Field names are the CLI flag names with dashes turned into underscores, so `--lr
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from visiontune.errors import UserError
 
@@ -48,9 +56,23 @@ class TrainConfig(BaseModel):
     unfreeze_from: str | None = Field(
         None, description="Keep parameters before this module (e.g. layer4) frozen throughout."
     )
-    train_bn: bool = Field(True, description="Keep BatchNorm trainable while the backbone is frozen.")
+    feature_cache: bool = Field(
+        True,
+        description="Frozen stage: train the head on backbone features computed once (BatchNorm statistics "
+        "fixed) instead of running the backbone every epoch.",
+    )
+    feature_views: int | None = Field(
+        None, ge=1,
+        description="Augmented views per training image in the feature cache; default 1 without "
+        "augmentation, else one per frozen epoch up to 4.",
+    )
+    train_bn: bool = Field(
+        True, description="Keep BatchNorm trainable in a frozen stage that runs the backbone (--no-feature-cache)."
+    )
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0, description="Head learning rate.")
+    lr: float | Literal["auto"] = Field(
+        1e-3, description="Head learning rate, or auto: the lr range test's suggestion."
+    )
     lr_mult: float = Field(10.0, ge=1, description="Backbone lr = lr / lr_mult after unfreezing.")
     weight_decay: float = Field(1e-2, ge=0)
     schedule: Schedule = "flat_cos"
@@ -78,8 +100,23 @@ class TrainConfig(BaseModel):
 
     seed: int = 0
     device: Device = "auto"
-    workers: int | None = Field(None, ge=0, description="DataLoader workers; default from free cores.")
+    workers: int | None = Field(None, ge=0, description="DataLoader workers; default from the cores free now.")
+    threads: int | None = Field(None, ge=1, description="CPU torch threads; default: the cores free now.")
     out: str | None = Field(None, description="Run directory; default runs/<timestamp>-<model>.")
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _parse_lr(cls, value: Any) -> Any:
+        """Numbers as numbers (also "3e-4" from the command line), else only "auto"."""
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not number > 0:
+            raise ValueError(f"lr must be a positive number or 'auto', not {value!r}")
+        return number
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainConfig:

@@ -1,6 +1,15 @@
-"""Turning `--device auto|cpu|cuda` into a torch device, with one message when CUDA is missing."""
+"""Where work runs: `--device auto|cpu|cuda`, and how many threads and loader workers a CPU gets.
+
+On a small CPU, torch's threads and DataLoader workers compete for the same cores, and a busy
+neighbour turns extra threads into a large slowdown (threads that wait on a descheduled peer).
+So the plan counts the cores that are actually free right now, not the cores that exist.
+"""
 
 from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -13,3 +22,58 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    cores: int  # cores this process may run on
+    busy: float  # cores' worth of time other processes used while we looked
+    threads: int  # torch intra-op threads
+    workers: int  # DataLoader worker processes
+
+    def apply(self) -> CpuPlan:
+        torch.set_num_threads(self.threads)
+        return self
+
+    def describe(self) -> str:
+        return f"{self.threads} torch thread(s), {self.workers} loader worker(s) ({self.cores} cores, {self.busy:.1f} busy)"
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def busy_cores(interval: float = 0.2) -> float:
+    """Cores' worth of CPU time used by anyone over `interval` seconds (we sleep meanwhile)."""
+    first = _cpu_times()
+    if first is None:
+        return max(0.0, os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0.0
+    time.sleep(interval)
+    second = _cpu_times()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (total - idle) / total if total > 0 else 0.0
+
+
+def plan_cpu(threads: int | None = None, workers: int | None = None, loader: bool = True) -> CpuPlan:
+    """Threads = free cores; one worker decodes when a second core is free (`loader=False`: none).
+
+    Explicit `threads` / `workers` are kept as given.
+    """
+    cores = usable_cores()
+    busy = busy_cores() if threads is None or workers is None else 0.0
+    free = max(1, min(cores, round(cores - busy)))
+    if workers is None:
+        workers = min(4, free - 1) if loader and free > 1 else 0
+    if threads is None:
+        threads = free
+    return CpuPlan(cores, busy, max(1, threads), max(0, workers))
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(total, idle incl. iowait) jiffies from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [float(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    return sum(fields[:8]), fields[3] + fields[4]

@@ -20,6 +20,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from visiontune.cli.anomaly import anomaly_app
+from visiontune.cli.compare import register as register_compare
+from visiontune.cli.tune import tune as tune_command
+from visiontune.cli.features import register as register_features
 from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError
 
@@ -34,6 +37,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 app.add_typer(anomaly_app, name="anomaly", help="Unsupervised defect detection: PaDiM and PatchCore.")
+register_compare(app)  # compare, lr-find
+app.command(name="tune")(tune_command)
+register_features(app)
 
 
 def _help(field: str) -> str:
@@ -59,9 +65,11 @@ def train(
     epochs: Annotated[Optional[int], Opt(help=_help("epochs"))] = None,
     freeze_epochs: Annotated[Optional[int], Opt(help=_help("freeze_epochs"))] = None,
     unfreeze_from: Annotated[Optional[str], Opt(help=_help("unfreeze_from"))] = None,
+    feature_cache: Annotated[Optional[bool], Opt("--feature-cache/--no-feature-cache", help=_help("feature_cache"))] = None,
+    feature_views: Annotated[Optional[int], Opt(help=_help("feature_views"))] = None,
     train_bn: Annotated[Optional[bool], Opt("--train-bn/--no-train-bn", help=_help("train_bn"))] = None,
     batch_size: Annotated[Optional[int], Opt(help=_help("batch_size"))] = None,
-    lr: Annotated[Optional[float], Opt(help=_help("lr"))] = None,
+    lr: Annotated[Optional[str], Opt(help=_help("lr"))] = None,
     lr_mult: Annotated[Optional[float], Opt(help=_help("lr_mult"))] = None,
     weight_decay: Annotated[Optional[float], Opt(help=_help("weight_decay"))] = None,
     schedule: Annotated[Optional[str], Opt(help="flat_cos | one_cycle | cosine [config default: flat_cos]")] = None,
@@ -83,6 +91,7 @@ def train(
     seed: Annotated[Optional[int], Opt(help=_help("seed"))] = None,
     device: Annotated[Optional[str], Opt(help="auto | cpu | cuda [config default: auto]")] = None,
     workers: Annotated[Optional[int], Opt(help=_help("workers"))] = None,
+    threads: Annotated[Optional[int], Opt(help=_help("threads"))] = None,
     out: Annotated[Optional[str], Opt(help=_help("out"))] = None,
 ) -> None:
     """Fine-tune a pretrained backbone: frozen stage, then unfrozen with discriminative lrs."""

@@ -22,22 +22,23 @@ import lightning.fabric
 import torch
 from lightning.fabric import Fabric
 from rich.console import Console
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, WeightedRandomSampler
 
 from visiontune._version import __version__
 from visiontune.config import TrainConfig, build_config
-from visiontune.data.dataset import ImageDataset, collate_skipping_none, default_workers
+from visiontune.data.dataset import ImageDataset, collate_skipping_none
 from visiontune.data.sources import Sample, SampleSet, discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.data.transforms import Preprocessing
 from visiontune.data.validate import ScanResult, check_samples, scan
-from visiontune.devices import resolve_device
+from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
 from visiontune.models.backbones import check_weights_available, create_classifier
 from visiontune.models.param_groups import apply_freezing, build_param_groups, fixed_parameter_names
 from visiontune.run import Run
 from visiontune.training.callbacks import EarlyStopping
 from visiontune.training.checkpoint import load_state, save_model, save_state, write_text_atomic
+from visiontune.training.feature_cache import FeatureSet, PooledHead, extract_features, fits_in_memory
 from visiontune.training.history import plot_history, write_metrics_csv
 from visiontune.training.loop import EpochResult, evaluate, train_one_epoch
 from visiontune.training.losses import ClassificationLoss, class_weights_for
@@ -75,7 +76,12 @@ def fit(
     cfg = build_config(values)
     if not cfg.data:
         raise UserError("no data given: pass an image folder or CSV file")
-    return FineTune(cfg, callbacks, progress).run()
+    tuner = FineTune(cfg, callbacks, progress)
+    if cfg.lr == "auto":  # replaced by the number found, so config.yaml (and any resume) has it
+        from visiontune.training.lr_find import resolve_auto_lr
+
+        resolve_auto_lr(cfg, tuner.dir, tuner.console)
+    return tuner.run()
 
 
 class FineTune:
@@ -112,6 +118,12 @@ class FineTune:
         cfg, resuming = self.cfg, self.state is not None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fabric = _make_fabric(cfg.device)
+        if self.fabric.device.type == "cpu":
+            self.cpu = plan_cpu(cfg.threads, cfg.workers).apply()
+            self.workers = self.cpu.workers
+            log.info("CPU plan: %s", self.cpu.describe())
+        else:
+            self.workers = cfg.workers if cfg.workers is not None else min(8, (os.cpu_count() or 2) - 1)
         if not resuming:  # a missing download stops the run before any data is read
             check_weights_available(cfg.model, cfg.pretrained, cfg.weights)
         source = discover(self.dir / "splits.csv") if resuming else self._discover()
@@ -195,21 +207,24 @@ class FineTune:
             sampler = WeightedRandomSampler(sample_weights, len(train_ds), replacement=True, generator=self.generator)
         else:
             sampler = RandomSampler(train_ds, generator=self.generator)
-        workers = cfg.workers if cfg.workers is not None else default_workers()
         common = dict(
-            num_workers=workers, collate_fn=collate_skipping_none,
-            persistent_workers=workers > 0, pin_memory=fabric.device.type == "cuda",
+            num_workers=self.workers, collate_fn=collate_skipping_none,
+            persistent_workers=self.workers > 0, pin_memory=fabric.device.type == "cuda",
         )
+        self.sampler, self.drop_last = sampler, len(train_ds) > cfg.batch_size
         self.train_loader = fabric.setup_dataloaders(
-            DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=len(train_ds) > cfg.batch_size, **common)
+            DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=self.drop_last, **common)
         )
-        self.eval_loaders = {
-            split: fabric.setup_dataloaders(
-                DataLoader(ImageDataset(items, index, self.pre.eval_transform(), cfg.max_pixels), cfg.batch_size * 2, **common)
-            )
+        eval_sets = {
+            split: ImageDataset(items, index, self.pre.eval_transform(), cfg.max_pixels)
             for split, items in by_split.items()
             if items and split != "train"
         }
+        self.eval_loaders = {
+            split: fabric.setup_dataloaders(DataLoader(ds, cfg.batch_size * 2, **common)) for split, ds in eval_sets.items()
+        }
+        self.train_ds, self.val_ds, self.loader_options = train_ds, eval_sets["val"], common
+        self.cached_views = self._cached_views(len(train_ds))
         weights = class_weights_for(counts) if cfg.balance == "weights" else None
         loss_args = dict(kind=cfg.loss, num_classes=len(self.labels), focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
         self.loss_fn = ClassificationLoss(class_weights=weights, label_smoothing=cfg.label_smoothing, **loss_args).to(fabric.device)
@@ -226,6 +241,23 @@ class FineTune:
             self.model.load_state_dict(self.state["model"])
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.stopper.load_state_dict(self.state["early_stopping"])
+
+    def _cached_views(self, train_size: int) -> int:
+        """Views of each training image the frozen stage trains on from cached features; 0 = no cache."""
+        cfg = self.cfg
+        if not cfg.feature_cache or cfg.freeze_epochs == 0:
+            return 0
+        views = cfg.feature_views or (1 if cfg.augment == "none" else min(cfg.freeze_epochs, 4))
+        views = 1 if cfg.augment == "none" else views  # without augmentation every view is the same
+        return views if fits_in_memory(self.model, train_size, views) else 0
+
+    def _extract_cached(self) -> tuple[FeatureSet, FeatureSet]:
+        options = {**self.loader_options, "persistent_workers": False}
+        args = (self.cfg.seed, self.cfg.batch_size * 2, options)
+        return (
+            extract_features(self.fabric, self.model, self.train_ds, self.cached_views, *args),
+            extract_features(self.fabric, self.model, self.val_ds, 1, *args),
+        )
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -263,16 +295,28 @@ class FineTune:
         start_epoch = state.get("epoch", 0)
         if start_epoch:
             self.console.print(f"resuming {self.dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+        cached: tuple[FeatureSet, FeatureSet] | None = None
+        if self.cached_views and start_epoch < cfg.freeze_epochs:
+            t0 = time.perf_counter()
+            with self.console.status(f"computing frozen-backbone features ({self.cached_views} view(s))"):
+                cached = self._extract_cached()
+            timings["feature_cache_s"] = time.perf_counter() - t0
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             stage, _, _ = self.stage_of(epoch)
             self.prepare_epoch(epoch)
+            if stage != "frozen":
+                cached = None
             with EpochProgress(f"epoch {epoch + 1}/{cfg.epochs} {stage}", len(self.train_loader), self.progress) as bar:
-                train = train_one_epoch(
-                    self.fabric, self.module, self.train_loader, self.loss_fn, self.optimizer,
-                    lambda batch: self.set_lr(epoch, batch), on_batch=bar.update,
-                )
-            val = evaluate(self.fabric, self.module, self.eval_loaders["val"], self.eval_loss_fn, len(self.labels))
+                if cached:
+                    train, val = self._cached_epoch(epoch, *cached, on_batch=bar.update)
+                else:
+                    train = train_one_epoch(
+                        self.fabric, self.module, self.train_loader, self.loss_fn, self.optimizer,
+                        lambda batch: self.set_lr(epoch, batch), on_batch=bar.update,
+                    )
+            if not cached:
+                val = evaluate(self.fabric, self.module, self.eval_loaders["val"], self.eval_loss_fn, len(self.labels))
             seconds = time.perf_counter() - t0
             record = _epoch_record(epoch, stage, self.optimizer.param_groups, train, val, seconds)
             history.append(record)
@@ -287,6 +331,18 @@ class FineTune:
                 self.console.print(f"early stopping: no {cfg.monitor} improvement for {cfg.patience} epochs")
                 break
         return history, timings
+
+    def _cached_epoch(self, epoch: int, train_set: FeatureSet, val_set: FeatureSet, on_batch) -> tuple:
+        """One frozen epoch on cached features: same batches, lrs and steps as the backbone path."""
+        head, device, bs = PooledHead(self.model), self.fabric.device, self.cfg.batch_size
+        head.train()
+        batches = train_set.batches(BatchSampler(self.sampler, bs, self.drop_last), epoch % self.cached_views, device)
+        train = train_one_epoch(
+            self.fabric, head, batches, self.loss_fn, self.optimizer, lambda batch: self.set_lr(epoch, batch),
+            on_batch=on_batch,
+        )
+        val_batches = val_set.batches(BatchSampler(range(len(val_set.targets)), bs * 2, False), 0, device)
+        return train, evaluate(self.fabric, head, val_batches, self.eval_loss_fn, len(self.labels))
 
     def _save_epoch(self, epoch: int, history: list[dict], timings: dict) -> None:
         save_model(self.dir / "checkpoints/last.safetensors", self.model, self.metadata)
@@ -350,7 +406,7 @@ class FineTune:
         if self.cfg.report:
             split = "test" if "test" in self.eval_loaders else "val"
             try:
-                run.evaluate(split, device=self.cfg.device, workers=self.cfg.workers)
+                run.evaluate(split, device=self.cfg.device, workers=self.workers)
             except Exception as exc:  # the trained run is complete; a failed extra must not hide it
                 log.warning("the run finished, but its evaluation report failed (%s: %s); retry with "
                             "visiontune evaluate %s", type(exc).__name__, exc, self.dir)

@@ -1,0 +1,108 @@
+"""The frozen stage without re-running the frozen backbone: pooled features computed once.
+
+While the backbone is frozen (BatchNorm statistics included), every epoch would push the same
+images through the same function; only the head learns. So the backbone runs once per cached
+view (one un-augmented view, or a fixed number of augmented ones) and the head trains on the
+stored pre-logit features, in the same batch order, with the same dropout and the same optimizer
+steps as the slow path: the head comes out the same (tests/unit/training/test_feature_cache.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lightning.fabric
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+MAX_CACHE_BYTES = 4 * 2**30  # beyond this the frozen stage runs the backbone instead
+
+
+class PooledHead(nn.Module):
+    """The model's classifier applied to pre-logit features, with the model's own head dropout."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.classifier = model.get_classifier()
+        self.drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.drop_rate:
+            features = F.dropout(features, p=self.drop_rate, training=self.training)
+        return self.classifier(features)
+
+
+@dataclass
+class FeatureSet:
+    """Pre-logit features of one dataset, `views` of it (view, sample, dim); `present` marks decoded samples."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    present: torch.Tensor
+
+    def batches(self, index_batches: Iterator[list[int]], view: int, device: torch.device) -> Iterator[tuple]:
+        """(features, targets) per batch of sample indices, dropping samples that failed to decode."""
+        for indices in index_batches:
+            kept = torch.tensor([i for i in indices if self.present[view, i]], dtype=torch.long)
+            if len(kept):
+                yield self.features[view, kept].to(device), self.targets[kept].to(device)
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return None if item is None else (*item, index)
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(getattr(model, "num_features", 0) or model.get_classifier().in_features)
+
+
+def fits_in_memory(model: nn.Module, samples: int, views: int) -> bool:
+    needed = samples * views * feature_dim(model) * 4
+    if needed > MAX_CACHE_BYTES:
+        log.warning("cached features would take %.1f GiB; the frozen stage runs the backbone every epoch instead",
+                    needed / 2**30)
+        return False
+    return True
+
+
+@torch.inference_mode()
+def extract_features(
+    fabric: Fabric, model: nn.Module, dataset: Dataset, views: int, seed: int, batch_size: int,
+    loader_options: dict,
+) -> FeatureSet:
+    """Run the frozen backbone (eval mode) over `dataset` once per view; view v is seeded by (seed, v)."""
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    features = torch.zeros(views, n, feature_dim(model))
+    present = torch.zeros(views, n, dtype=torch.bool)
+    for view in range(views):
+        lightning.fabric.seed_everything(seed * 7919 + view, verbose=False)
+        loader = DataLoader(_Indexed(dataset), batch_size, shuffle=False, **loader_options)
+        for batch in loader:
+            if batch is None:
+                continue
+            images, _, indices = batch
+            images = images.to(fabric.device, non_blocking=True)
+            if fabric.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with fabric.autocast():
+                pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+            features[view, indices] = pooled.float().cpu()
+            present[view, indices] = True
+    model.train(was_training)
+    return FeatureSet(features, torch.tensor(dataset.targets, dtype=torch.long), present)
