@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+# the decoded-image cache of test runs lives in a throwaway folder, never the user's cache
+os.environ["VISIONTUNE_CACHE"] = tempfile.mkdtemp(prefix="visiontune-test-cache-")
 
 TINY_MODEL = "test_resnet"  # timm's ~0.5M-parameter test ResNet
 TINY_OPTIONS = dict(

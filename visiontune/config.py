@@ -56,6 +56,12 @@ class TrainConfig(BaseModel):
     unfreeze_from: str | None = Field(
         None, description="Keep parameters before this module (e.g. layer4) frozen throughout."
     )
+    decoded_cache: bool = Field(
+        True,
+        description="Decode and resize each image once into a disk cache reused across epochs and runs "
+        "($VISIONTUNE_CACHE, default ~/.cache/visiontune/decoded; size limit $VISIONTUNE_CACHE_GB, default 10).",
+    )
+    compile: bool = Field(False, description="torch.compile the network (pays off on long GPU runs).")
     feature_cache: bool = Field(
         True,
         description="Frozen stage: train the head on backbone features computed once (BatchNorm statistics "

@@ -60,7 +60,7 @@ def test_saved_config_reruns_identically(binary_folder, tmp_path):
     config = visiontune.TrainConfig.from_yaml(run.dir / "config.yaml", out=str(tmp_path / "rerun"))
     rerun = visiontune.fit(config=config, progress=False)
     assert read_metrics(rerun) == [
-        {**row, "seconds": new["seconds"]} for row, new in zip(read_metrics(run), read_metrics(rerun))
+        {**row, "seconds": new["seconds"], "train_seconds": new["train_seconds"]} for row, new in zip(read_metrics(run), read_metrics(rerun))
     ]
 
 
@@ -211,3 +211,27 @@ def test_exported_run_loads_in_a_fresh_process(binary_folder, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), expected)
     assert yaml.safe_load((run.dir / "config.yaml").read_text())["model"] == "test_resnet"
+
+
+def test_compile_option_compiles_the_network_that_trains(binary_folder, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    fit(binary_folder, tmp_path / "plain")
+    assert compiled == []
+    run = fit(binary_folder, tmp_path / "compiled", compile=True)
+    assert len(compiled) == 1 and run.summary["epochs_run"] == 2
+    normalize, network = compiled[0]  # the device-side normaliser, then the timm model
+    assert hasattr(network, "get_classifier") and isinstance(normalize, torch.nn.Module)
+
+
+def test_decoded_cache_gives_the_same_run_as_decoding_every_epoch(binary_folder, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(cache_dir))
+    options = {"augment": "light", "freeze_epochs": 1, "epochs": 2, "image_size": 32}
+    cached = fit(binary_folder, tmp_path / "cached", **options)
+    assert len(list(cache_dir.rglob("*.npy"))) == 24  # every image decoded once, then read from the cache
+    again = fit(binary_folder, tmp_path / "again", **options)
+    plain = fit(binary_folder, tmp_path / "plain", decoded_cache=False, **options)
+    assert read_metrics(again)[-1]["val_loss"] == read_metrics(cached)[-1]["val_loss"]
+    # uint8 rounding of the resized image is the only difference from the float path
+    assert abs(float(read_metrics(plain)[-1]["val_loss"]) - float(read_metrics(cached)[-1]["val_loss"])) < 0.05

@@ -9,14 +9,24 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from visiontune.data.cache import DecodedImageCache
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.sources import Sample
 
 log = logging.getLogger(__name__)
 
 
+def load_image(path: str | os.PathLike, max_pixels: int, cache: DecodedImageCache | None):
+    """A PIL image, or with a cache the resized uint8 tensor; ImageLoadError either way."""
+    return cache.load(path, max_pixels) if cache is not None else load_rgb(path, max_pixels)
+
+
 class ImageDataset(Dataset):
-    """Returns (image tensor, class index), or None for a file that stopped decoding since the scan."""
+    """Returns (image tensor, class index), or None for a file that stopped decoding since the scan.
+
+    With a `cache`, the transform receives the cached, already-resized uint8 tensor instead of
+    the PIL image; `Preprocessing`'s transforms accept both.
+    """
 
     def __init__(
         self,
@@ -24,11 +34,13 @@ class ImageDataset(Dataset):
         class_to_index: dict[str, int],
         transform: Callable,
         max_pixels: int,
+        cache: DecodedImageCache | None = None,
     ) -> None:
         self.samples = list(samples)
         self.targets = [class_to_index[s.label] for s in self.samples]
         self.transform = transform
         self.max_pixels = max_pixels
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -36,7 +48,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         sample = self.samples[index]
         try:
-            image = load_rgb(sample.path, self.max_pixels)
+            image = load_image(sample.path, self.max_pixels, self.cache)
         except ImageLoadError as exc:
             log.warning("skipping %s: %s", sample.path, exc)
             return None
@@ -52,15 +64,21 @@ def collate_skipping_none(batch: list) -> tuple[torch.Tensor, torch.Tensor] | No
 class ImageFiles(Dataset):
     """Unlabelled files for inference: items (image, index, None), or (None, index, reason)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], transform: Callable, max_pixels: int) -> None:
-        self.paths, self.transform, self.max_pixels = list(paths), transform, max_pixels
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        transform: Callable,
+        max_pixels: int,
+        cache: DecodedImageCache | None = None,
+    ) -> None:
+        self.paths, self.transform, self.max_pixels, self.cache = list(paths), transform, max_pixels, cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         try:
-            return self.transform(load_rgb(self.paths[index], self.max_pixels)), index, None
+            return self.transform(load_image(self.paths[index], self.max_pixels, self.cache)), index, None
         except ImageLoadError as exc:
             return None, index, str(exc)
 

@@ -2,6 +2,11 @@
 
 As in timm, the weights decide input size, interpolation, mean/std and crop share; an explicit
 `image_size` overrides only the size. Evaluation never augments.
+
+With `normalize=False` the transforms stop at uint8 CHW tensors (a quarter of the bytes through
+DataLoader workers, pinned memory and the host-to-device copy) and `Preprocessing.normalizer()`
+turns the batch into normalised floats on the device. Both take either a PIL image or a cached,
+already-resized uint8 tensor (`visiontune.data.cache`): the Resize step leaves the latter as is.
 """
 
 from __future__ import annotations
@@ -46,26 +51,35 @@ class Preprocessing:
     def _mode(self) -> InterpolationMode:
         return InterpolationMode(self.interpolation if self.interpolation != "random" else "bilinear")
 
+    @property
+    def resize_size(self) -> int:
+        """The evaluation resize of the shorter side (size / crop_pct), also what the decoded cache stores."""
+        return round(self.input_size / self.crop_pct)
+
     def _to_normalized(self) -> list[nn.Module]:
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
-    def eval_transform(self) -> v2.Compose:
+    def normalizer(self) -> UInt8Normalizer:
+        """The device-side end of the `normalize=False` transforms: uint8 NCHW -> normalised float."""
+        return UInt8Normalizer(self.mean, self.std)
+
+    def eval_transform(self, normalize: bool = True) -> v2.Compose:
         """Resize the shorter side to size / crop_pct, then centre-crop: timm's evaluation recipe."""
-        resize = int(round(self.input_size / self.crop_pct))
         return v2.Compose(
             [
                 v2.ToImage(),
-                v2.Resize(resize, interpolation=self._mode, antialias=True),
+                v2.Resize(self.resize_size, interpolation=self._mode, antialias=True),
                 v2.CenterCrop(self.input_size),
-                *self._to_normalized(),
+                *(self._to_normalized() if normalize else []),
             ]
         )
 
-    def train_transform(self, preset: str) -> v2.Compose:
+    def train_transform(self, preset: str, normalize: bool = True) -> v2.Compose:
+        """Augmented training transform; with normalize=False every step runs on uint8 (see module doc)."""
         if preset not in AUGMENT_PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; use one of {AUGMENT_PRESETS}")
         if preset == "none":
-            return self.eval_transform()
+            return self.eval_transform(normalize)
         size, mode = self.input_size, self._mode
         crop = {"light": (0.35, 1.0), "medium": (0.25, 1.0), "heavy": (0.08, 1.0)}[preset]
         steps: list[nn.Module] = [
@@ -77,7 +91,34 @@ class Preprocessing:
             steps += [v2.RandomRotation(15), v2.ColorJitter(0.2, 0.2, 0.2)]
         if preset == "heavy":
             steps += [v2.RandomVerticalFlip(), v2.TrivialAugmentWide(interpolation=mode)]
-        steps += self._to_normalized()
+        if normalize:
+            steps += self._to_normalized()
         if preset == "heavy":
-            steps.append(v2.RandomErasing(p=0.25))
+            # Erasing writes 0 in normalised space, which is the mean colour; on uint8 the mean
+            # colour is written instead, so both paths erase to the same values up to rounding.
+            steps.append(v2.RandomErasing(p=0.25, value=0 if normalize else self.mean_uint8))
         return v2.Compose(steps)
+
+    @property
+    def mean_uint8(self) -> list[int]:
+        return [round(m * 255) for m in self.mean]
+
+
+class UInt8Normalizer(nn.Module):
+    """(x / 255 - mean) / std as one multiply-add, on whatever device the batch is on.
+
+    Floating-point batches pass through unchanged: they come from the `normalize=True` transforms
+    and are normalised already, so a loop can apply this to every batch whichever transform fed it.
+    """
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std_t, persistent=False)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.is_floating_point():
+            return batch
+        scale, shift = self.scale.to(batch.device), self.shift.to(batch.device)  # no-ops once moved
+        return batch.float().mul_(scale).add_(shift)  # twice as fast as addcmul on CPU here

@@ -81,8 +81,8 @@ def fits_in_memory(model: nn.Module, samples: int, views: int) -> bool:
 
 @torch.inference_mode()
 def extract_features(
-    fabric: Fabric, model: nn.Module, dataset: Dataset, views: int, seed: int, batch_size: int,
-    loader_options: dict,
+    fabric: Fabric, model: nn.Module, dataset: Dataset, views: int, normalize: nn.Module, seed: int,
+    batch_size: int, loader_options: dict,
 ) -> FeatureSet:
     """Run the frozen backbone (eval mode) over `dataset` once per view; view v is seeded by (seed, v)."""
     was_training = model.training
@@ -97,7 +97,7 @@ def extract_features(
             if batch is None:
                 continue
             images, _, indices = batch
-            images = images.to(fabric.device, non_blocking=True)
+            images = normalize(images.to(fabric.device, non_blocking=True))
             if fabric.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             with fabric.autocast():

@@ -22,10 +22,12 @@ import lightning.fabric
 import torch
 from lightning.fabric import Fabric
 from rich.console import Console
+from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, WeightedRandomSampler
 
 from visiontune._version import __version__
 from visiontune.config import TrainConfig, build_config
+from visiontune.data.cache import DecodedImageCache
 from visiontune.data.dataset import ImageDataset, collate_skipping_none
 from visiontune.data.sources import Sample, SampleSet, discover
 from visiontune.data.splits import write_splits_csv
@@ -199,7 +201,12 @@ class FineTune:
         cfg, fabric = self.cfg, self.fabric
         index = {label: i for i, label in enumerate(self.labels)}
         by_split = {split: [s for s in samples if s.split == split] for split in ("train", "val", "test")}
-        train_ds = ImageDataset(by_split["train"], index, self.pre.train_transform(cfg.augment), cfg.max_pixels)
+        # With the decoded cache, loaders yield uint8 and the model's first step normalises on the device.
+        cache = DecodedImageCache.for_preprocessing(self.pre) if cfg.decoded_cache else None
+        float_in_loader = cache is None
+        train_ds = ImageDataset(
+            by_split["train"], index, self.pre.train_transform(cfg.augment, float_in_loader), cfg.max_pixels, cache
+        )
         counts = [train_ds.targets.count(i) for i in range(len(self.labels))]
         self.generator = torch.Generator()
         if cfg.balance == "sampler":
@@ -216,7 +223,7 @@ class FineTune:
             DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=self.drop_last, **common)
         )
         eval_sets = {
-            split: ImageDataset(items, index, self.pre.eval_transform(), cfg.max_pixels)
+            split: ImageDataset(items, index, self.pre.eval_transform(float_in_loader), cfg.max_pixels, cache)
             for split, items in by_split.items()
             if items and split != "train"
         }
@@ -235,7 +242,9 @@ class FineTune:
             self.model = self.model.to(memory_format=torch.channels_last)
         groups = build_param_groups(self.model, cfg.weight_decay, cfg.lr_mult, self.fixed)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        self.module, self.optimizer = fabric.setup(self.model, optimizer)
+        self.normalize = self.pre.normalizer()  # float batches pass through unchanged
+        network = nn.Sequential(self.normalize, self.model)  # checkpoints save self.model alone
+        self.module, self.optimizer = fabric.setup(torch.compile(network) if cfg.compile else network, optimizer)
         self.stopper = EarlyStopping(cfg.monitor, cfg.patience)
         if self.state is not None:
             self.model.load_state_dict(self.state["model"])
@@ -253,7 +262,7 @@ class FineTune:
 
     def _extract_cached(self) -> tuple[FeatureSet, FeatureSet]:
         options = {**self.loader_options, "persistent_workers": False}
-        args = (self.cfg.seed, self.cfg.batch_size * 2, options)
+        args = (self.normalize, self.cfg.seed, self.cfg.batch_size * 2, options)
         return (
             extract_features(self.fabric, self.model, self.train_ds, self.cached_views, *args),
             extract_features(self.fabric, self.model, self.val_ds, 1, *args),
@@ -315,10 +324,11 @@ class FineTune:
                         self.fabric, self.module, self.train_loader, self.loss_fn, self.optimizer,
                         lambda batch: self.set_lr(epoch, batch), on_batch=bar.update,
                     )
+            train_seconds = time.perf_counter() - t0
             if not cached:
                 val = evaluate(self.fabric, self.module, self.eval_loaders["val"], self.eval_loss_fn, len(self.labels))
             seconds = time.perf_counter() - t0
-            record = _epoch_record(epoch, stage, self.optimizer.param_groups, train, val, seconds)
+            record = _epoch_record(epoch, stage, self.optimizer.param_groups, train, val, seconds, train_seconds)
             history.append(record)
             timings["epochs_s"].append(seconds)
             if self.stopper.update(epoch + 1, record[cfg.monitor], loss=record["val_loss"]):
@@ -438,7 +448,9 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def _epoch_record(epoch: int, stage: str, groups: list[dict], train: EpochResult, val: EpochResult, seconds: float) -> dict:
+def _epoch_record(
+    epoch: int, stage: str, groups: list[dict], train: EpochResult, val: EpochResult, seconds: float, train_seconds: float,
+) -> dict:
     lrs = {g["name"]: g["lr"] for g in groups}
     return {
         "epoch": epoch + 1,
@@ -451,6 +463,7 @@ def _epoch_record(epoch: int, stage: str, groups: list[dict], train: EpochResult
         "val_accuracy": val.accuracy,
         "val_f1_macro": val.f1_macro,
         "seconds": seconds,
+        "train_seconds": train_seconds,  # without validation; the cached stage includes its val pass
     }
 
 

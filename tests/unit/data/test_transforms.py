@@ -1,0 +1,64 @@
+"""uint8 transforms plus the device normaliser give the same tensors as the float transforms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from tests.conftest import COLOURS, colour_image
+from visiontune.data.transforms import AUGMENT_PRESETS, Preprocessing
+
+PRE = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)
+# Half a uint8 step, in normalised units: the most the erasing colour can differ by rounding.
+HALF_STEP = 0.5 / 255 / min(PRE.std) + 1e-5
+
+
+def test_normalizer_matches_formula_and_keeps_layout() -> None:
+    batch = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    out = PRE.normalizer()(batch)
+    mean, std = torch.tensor(PRE.mean).view(1, 3, 1, 1), torch.tensor(PRE.std).view(1, 3, 1, 1)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, (batch.float() / 255 - mean) / std, atol=1e-6, rtol=0)
+
+
+def test_normalizer_passes_float_batches_through() -> None:
+    already = torch.randn(2, 3, 4, 4)
+    assert PRE.normalizer()(already) is already
+
+
+@pytest.mark.parametrize("preset", ["none", "light", "medium"])
+def test_uint8_train_path_equals_float_path_with_the_same_seed(preset: str) -> None:
+    image = colour_image(COLOURS["red"], seed=3, size=(45, 37))
+    torch.manual_seed(7)
+    expected = PRE.train_transform(preset)(image)
+    torch.manual_seed(7)
+    raw = PRE.train_transform(preset, normalize=False)(image)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 32, 32)
+    torch.testing.assert_close(PRE.normalizer()(raw[None])[0], expected.as_subclass(torch.Tensor), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", AUGMENT_PRESETS)
+def test_every_preset_yields_uint8_from_pil_and_from_resized_tensors(preset: str) -> None:
+    image = colour_image(COLOURS["blue"], seed=1)
+    transform = PRE.train_transform(preset, normalize=False)
+    for source in (image, v2.functional.pil_to_tensor(image)):
+        out = transform(source)
+        assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 32, 32)
+
+
+def test_uint8_erasing_writes_the_mean_colour_like_float_erasing_writes_zero() -> None:
+    def erasing(normalize: bool) -> v2.RandomErasing:
+        step = next(t for t in PRE.train_transform("heavy", normalize).transforms if isinstance(t, v2.RandomErasing))
+        step.p = 1.0
+        return step
+
+    white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    torch.manual_seed(0)
+    expected = erasing(True)(PRE.normalizer()(white[None])[0])
+    torch.manual_seed(0)
+    got = PRE.normalizer()(erasing(False)(white)[None])[0]
+    erased = expected == 0
+    assert 0 < erased.sum() < erased.numel()
+    assert (got - expected).abs().max() <= HALF_STEP
