@@ -98,8 +98,7 @@ def extract_features(
                 continue
             images, _, indices = batch
             images = normalize(images.to(fabric.device, non_blocking=True))
-            if fabric.device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
             with fabric.autocast():
                 pooled = model.forward_head(model.forward_features(images), pre_logits=True)
             features[view, indices] = pooled.float().cpu()

@@ -238,8 +238,8 @@ class FineTune:
         self.eval_loss_fn = ClassificationLoss(**loss_args).to(fabric.device)
 
         self.fixed = fixed_parameter_names(self.model, cfg.unfreeze_from)
-        if fabric.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # channels_last on CPU too: CNN training steps ran 2x faster here (docs/benchmarks.md)
+        self.model = self.model.to(memory_format=torch.channels_last)
         groups = build_param_groups(self.model, cfg.weight_decay, cfg.lr_mult, self.fixed)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.normalize = self.pre.normalizer()  # float batches pass through unchanged
