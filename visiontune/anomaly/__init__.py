@@ -17,7 +17,7 @@ import numpy as np
 
 from visiontune.anomaly.base import AnomalyModel, read_model_files
 from visiontune.anomaly.components.anomaly_map import heatmap_overlay
-from visiontune.anomaly.components.features import create_extractor, resolve_layers
+from visiontune.anomaly.components.features import resolve_layers
 from visiontune.anomaly.data import (
     DEFAULT_MAX_PIXELS,
     GOOD,
@@ -32,6 +32,7 @@ from visiontune.data.dataset import default_workers
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError
+from visiontune.features.extractor import create_extractor
 from visiontune.models.backbones import check_weights_available
 from visiontune.training.checkpoint import write_text_atomic
 

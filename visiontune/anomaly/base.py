@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader
 
 from visiontune._version import __version__
 from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
-from visiontune.anomaly.components.features import FeatureExtractor
 from visiontune.anomaly.components.threshold import GOOD_QUANTILE, choose_threshold
 from visiontune.anomaly.data import DEFAULT_MAX_PIXELS, anomaly_transform
 from visiontune.data.dataset import ImageFiles, collate_image_files
@@ -32,6 +31,7 @@ from visiontune.data.transforms import Preprocessing
 from visiontune.data.validate import Skipped
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
+from visiontune.features.extractor import FeatureExtractor
 from visiontune.training.checkpoint import atomic_write, write_text_atomic
 
 MODEL_FILE = "model.safetensors"

@@ -50,6 +50,16 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
     }
 
 
+def prediction_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
+    """What `evaluate` reports for one set of predictions: classification_metrics, 95% bootstrap
+    intervals of accuracy and macro-F1, and the expected calibration error."""
+    return {
+        **classification_metrics(y_true, probs, labels),
+        "bootstrap_95ci": bootstrap_intervals(y_true, probs.argmax(axis=1), len(labels)),
+        "calibration": {"uncalibrated": expected_calibration_error(y_true, probs)},
+    }
+
+
 def most_confused(counts: np.ndarray, labels: list[str]) -> list[dict]:
     """Off-diagonal cells, largest first: which class is mistaken for which, and how often."""
     pairs = [

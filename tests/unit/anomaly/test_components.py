@@ -11,7 +11,7 @@ import timm
 import torch
 
 from visiontune.anomaly.components.coreset import greedy_coreset, nearest_neighbours
-from visiontune.anomaly.components.features import create_extractor, resolve_layers
+from visiontune.anomaly.components.features import resolve_layers
 from visiontune.anomaly.components.gaussian import PositionGaussians
 from visiontune.anomaly.components.threshold import (
     best_f1_threshold,
@@ -21,6 +21,7 @@ from visiontune.anomaly.components.threshold import (
 from visiontune.anomaly.evaluate import aupro
 from visiontune.anomaly.patchcore import PatchCore
 from visiontune.errors import UserError
+from visiontune.features.extractor import create_extractor
 
 
 @pytest.fixture
