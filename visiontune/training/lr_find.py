@@ -1,0 +1,288 @@
+"""The learning-rate range test: train briefly with an exponentially growing lr, watch the loss.
+
+It runs on a fresh model built exactly as training's first stage would be (same backbone, weights,
+preprocessing, augmentation, sampler, loss, parameter groups and freezing; a frozen stage that
+trains from cached backbone features does so here too), so the lr it finds is the value to pass as
+`--lr`: the head lr, with the backbone at lr / lr_mult when it trains. The
+suggestion is the steepest descent of the smoothed loss, as Lightning's `Tuner.lr_find` suggests;
+the minimum-loss lr / 10 (fastai's older rule) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning.fabric
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from torch import nn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    WeightedRandomSampler,
+)
+
+from visiontune.config import TrainConfig, build_config
+from visiontune.data.cache import DecodedImageCache
+from visiontune.data.dataset import ImageDataset, collate_skipping_none
+from visiontune.data.sources import discover
+from visiontune.data.transforms import Preprocessing
+from visiontune.data.validate import scan
+from visiontune.devices import plan_cpu
+from visiontune.errors import UserError
+from visiontune.models.backbones import check_weights_available, create_classifier
+from visiontune.models.param_groups import (
+    apply_freezing,
+    build_param_groups,
+    fixed_parameter_names,
+)
+from visiontune.training.checkpoint import atomic_write, write_text_atomic
+from visiontune.training.feature_cache import (
+    FeatureSet,
+    PooledHead,
+    extract_features,
+    fits_in_memory,
+)
+from visiontune.training.finetune import _make_fabric
+from visiontune.training.losses import ClassificationLoss, class_weights_for
+
+SMOOTHING = 0.98  # EMA factor of the loss at 100+ steps, bias-corrected (Lightning's and fastai's)
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its best value
+MIN_POINTS = 5
+
+
+@dataclass
+class LrFindResult:
+    lrs: list[float]  # head lr at each step
+    losses: list[float]  # smoothed training loss at each step
+    raw_losses: list[float]
+    suggestion: float  # steepest descent of the smoothed loss
+    min_loss_lr: float  # lr at the lowest smoothed loss, divided by 10
+    stage: str  # "frozen" (backbone frozen, head lr) or "unfrozen" (head lr, backbone at lr / lr_mult)
+    model: str
+    plot: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["plot"] = str(self.plot) if self.plot else None
+        return values
+
+    def save(self, out_dir: Path) -> None:
+        """lr_find.png and lr_find.json in `out_dir`."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.plot = out_dir / "lr_find.png"
+        plot_lr_find(self, self.plot)
+        write_text_atomic(out_dir / "lr_find.json", json.dumps(self.to_dict(), indent=2))
+
+
+def lr_find(
+    data: str | os.PathLike | None = None,
+    *,
+    config: TrainConfig | None = None,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> LrFindResult:
+    """Run the range test on `data` with training options (TrainConfig fields, as for `fit`).
+
+    Batches cycle when the training split has fewer than `steps` of them. With `out`, writes
+    lr_find.png and lr_find.json there. The model used is thrown away: nothing else changes.
+    """
+    values = {**(config.model_dump(exclude_unset=True) if config else {}), **options}
+    if data is not None:
+        values["data"] = str(data)
+    cfg = build_config(values)
+    if not cfg.data:
+        raise UserError("no data given: pass an image folder or CSV file")
+    if not 0 < start_lr < end_lr:
+        raise UserError(f"the lr range must satisfy 0 < start_lr < end_lr (got {start_lr} and {end_lr})")
+    if steps < MIN_POINTS * 2:
+        raise UserError(f"the lr range test needs at least {MIN_POINTS * 2} steps, not {steps}")
+    result = _range_test(cfg, start_lr, end_lr, steps, progress)
+    if out is not None:
+        result.save(Path(out))
+    return result
+
+
+def resolve_auto_lr(cfg: TrainConfig, run_dir: Path, console: Console) -> LrFindResult:
+    """`--lr auto`: run the range test, keep its plot in the run directory, set `cfg.lr` to the number."""
+    result = lr_find(config=cfg, progress=not console.quiet, out=run_dir)
+    cfg.lr = result.suggestion
+    console.print(
+        f"lr auto: {result.suggestion:.3g} (steepest descent of the lr range test; min loss / 10 would be "
+        f"{result.min_loss_lr:.3g}); plot: {result.plot}"
+    )
+    return result
+
+
+def default_out_dir(model: str) -> Path:
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-lr-find-{model.replace('/', '_')}"
+
+
+def _range_test(cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, progress: bool) -> LrFindResult:
+    check_weights_available(cfg.model, cfg.pretrained, cfg.weights)
+    fabric = _make_fabric(cfg.device)
+    workers = plan_cpu(cfg.threads, cfg.workers).apply().workers if fabric.device.type == "cpu" else (cfg.workers or 0)
+    source = discover(cfg.data, cfg.label_regex, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    readable = scan(source.samples, cfg.max_pixels).readable
+    labels = sorted({s.label for s in readable})
+    train = [s for s in readable if s.split == "train"]
+    if len(labels) < 2 or not train:
+        raise UserError(f"the lr range test needs training images of at least 2 classes, found {labels}")
+    lightning.fabric.seed_everything(cfg.seed, verbose=False)
+    model = create_classifier(cfg.model, len(labels), pretrained=cfg.pretrained, weights=cfg.weights)
+    pre = Preprocessing.from_model(model, cfg.image_size)
+    # as in training: with the decoded cache (filled here for a following `--lr auto` run) the loader
+    # yields uint8 and the network's first module normalises on the device
+    cache = DecodedImageCache.for_preprocessing(pre) if cfg.decoded_cache else None
+    transform = pre.train_transform(cfg.augment, normalize=cache is None)
+    dataset = ImageDataset(train, {label: i for i, label in enumerate(labels)}, transform, cfg.max_pixels, cache)
+    counts = [dataset.targets.count(i) for i in range(len(labels))]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.balance == "sampler":
+        weights = [1.0 / counts[t] for t in dataset.targets]
+        sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    loss_fn = ClassificationLoss(
+        cfg.loss, len(labels), class_weights_for(counts) if cfg.balance == "weights" else None,
+        cfg.label_smoothing, cfg.focal_alpha, cfg.focal_gamma,
+    ).to(fabric.device)
+    fixed = fixed_parameter_names(model, cfg.unfreeze_from)
+    optimizer = torch.optim.AdamW(build_param_groups(model, cfg.weight_decay, cfg.lr_mult, fixed), lr=start_lr)
+    normalize = pre.normalizer()
+    module, optimizer = fabric.setup(nn.Sequential(normalize, model), optimizer)
+    stage = "frozen" if cfg.freeze_epochs > 0 else "unfrozen"
+    module.train()
+    apply_freezing(model, stage == "frozen", cfg.train_bn, fixed)
+
+    loader_options = {"num_workers": workers, "collate_fn": collate_skipping_none}
+    drop_last = len(dataset) > cfg.batch_size
+    views = 1 if cfg.augment == "none" else (cfg.feature_views or min(cfg.freeze_epochs, 4))
+    if stage == "frozen" and cfg.feature_cache and fits_in_memory(model, len(dataset), views):
+        # as training's frozen stage: the head learns from backbone features computed once
+        cached = extract_features(fabric, model, dataset, views, normalize, cfg.seed, cfg.batch_size * 2, loader_options)
+        forward = PooledHead(model).train()
+        batches = _cycle_cached(cached, BatchSampler(sampler, cfg.batch_size, drop_last), views, fabric.device)
+    else:
+        loader = DataLoader(dataset, cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                            persistent_workers=workers > 0, **loader_options)
+        forward, batches = module, _cycle(fabric.setup_dataloaders(loader))
+    lrs, raw, smoothed = _sweep(fabric, forward, batches, loss_fn, optimizer, start_lr, end_lr, steps, progress)
+    result = _suggest(lrs, raw, smoothed, stage, cfg.model)
+    if forward is not module:
+        result.notes.append(f"the head trained on cached backbone features ({views} view(s)), as in training")
+    return result
+
+
+def _sweep(
+    fabric: Fabric, forward: nn.Module, batches: Iterator, loss_fn: ClassificationLoss,
+    optimizer: torch.optim.Optimizer, start_lr: float, end_lr: float, steps: int, progress: bool,
+) -> tuple[list[float], list[float], list[float]]:
+    """One optimizer step per lr, lr growing geometrically; stops when the smoothed loss diverges."""
+    gamma = (end_lr / start_lr) ** (1 / (steps - 1))
+    beta = min(SMOOTHING, 1 - 2 / steps)  # a shorter sweep gets a shorter window, so less lag
+    lrs, raw, smoothed, best, average = [], [], [], math.inf, 0.0
+    columns = (TextColumn("lr range test"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"))
+    with Progress(*columns, transient=True, disable=not progress) as bar:
+        task = bar.add_task("", total=steps, stats="")
+        for step in range(steps):
+            lr = start_lr * gamma**step
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            inputs, targets = next(batches)
+            loss = loss_fn(forward(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                break
+            average = beta * average + (1 - beta) * value
+            current = average / (1 - beta ** (step + 1))
+            lrs.append(lr)
+            raw.append(value)
+            smoothed.append(current)
+            bar.update(task, advance=1, stats=f"lr {lr:.2e} loss {current:.4f}")
+            if step > 0 and current > DIVERGED * best:
+                break
+            best = min(best, current)
+    return lrs, raw, smoothed
+
+
+def _cycle(loader: DataLoader) -> Iterator:
+    """Batches without end, re-iterating the loader (a fresh shuffle each pass)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            if batch is not None:
+                yielded = True
+                yield batch
+        if not yielded:
+            raise UserError("no training image could be decoded")
+
+
+def _cycle_cached(cached: FeatureSet, index_batches: BatchSampler, views: int, device: torch.device) -> Iterator:
+    """Cached-feature batches without end; pass k uses view k mod views, as epoch k of training does."""
+    for n in itertools.count():
+        yielded = False
+        for batch in cached.batches(iter(index_batches), n % views, device):
+            yielded = True
+            yield batch
+        if not yielded:
+            raise UserError("no training image could be decoded")
+
+
+def _suggest(lrs: list[float], raw: list[float], smoothed: list[float], stage: str, model: str) -> LrFindResult:
+    """Steepest descent of the smoothed loss, skipping the first tenth and the last point (Lightning)."""
+    if len(smoothed) < MIN_POINTS:
+        raise UserError(
+            f"the lr range test stopped after {len(smoothed)} step(s) (the loss diverged at once); "
+            "lower the start of the range or choose --lr yourself"
+        )
+    skip_begin = len(smoothed) // 10
+    window = np.asarray(smoothed[skip_begin:-1])
+    steepest = skip_begin + int(np.argmin(np.gradient(window)))
+    lowest = int(np.argmin(smoothed))
+    notes = [f"the lr is the head lr of the {stage} stage" + (" (backbone at lr / lr_mult)" if stage == "unfrozen" else "")]
+    return LrFindResult(lrs, smoothed, raw, lrs[steepest], lrs[lowest] / 10, stage, model, notes=notes)
+
+
+def plot_lr_find(result: LrFindResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(result.lrs, result.raw_losses, color="lightgrey", linewidth=1, label="loss per step")
+    ax.plot(result.lrs, result.losses, color="C0", label="smoothed loss")
+    at = result.lrs.index(result.suggestion)
+    ax.plot(result.suggestion, result.losses[at], "o", color="C3", markersize=9,
+            label=f"suggestion (steepest): {result.suggestion:.2e}")
+    ax.axvline(result.min_loss_lr, color="C2", linestyle="--", label=f"min loss / 10: {result.min_loss_lr:.2e}")
+    ax.set(xscale="log", xlabel=f"head learning rate ({result.stage} stage)", ylabel="training loss",
+           title=f"lr range test: {result.model}")
+    top = max(result.losses[: max(1, len(result.losses) - 1)])
+    ax.set_ylim(min(result.raw_losses) * 0.95, top * 1.3)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
