@@ -117,8 +117,18 @@ class FineTune:
 
     def run(self) -> Run:
         started = time.perf_counter()
-        cfg, resuming = self.cfg, self.state is not None
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.setup()
+        try:
+            history, timings = self._train(self.scanned, self.scan_s)
+        except KeyboardInterrupt:
+            self.console.print(f"interrupted; continue with: visiontune train --resume {self.dir}")
+            raise
+        return self._finish(history, timings, self.scanned, started)
+
+    def setup(self, write_files: bool = True) -> None:
+        """Everything before the first epoch: data, model, loaders, optimizer (lr-find reuses it)."""
+        cfg, resuming = self.cfg, self.state is not None
         self.fabric = _make_fabric(cfg.device)
         if self.fabric.device.type == "cpu":
             self.cpu = plan_cpu(cfg.threads, cfg.workers).apply()
@@ -130,8 +140,8 @@ class FineTune:
             check_weights_available(cfg.model, cfg.pretrained, cfg.weights)
         source = discover(self.dir / "splits.csv") if resuming else self._discover()
         t0 = time.perf_counter()
-        scanned = self._scan(source)
-        scan_s = time.perf_counter() - t0
+        self.scanned = scanned = self._scan(source)
+        self.scan_s = time.perf_counter() - t0
         self.labels = sorted({s.label for s in scanned.readable})
         self._check_splits(scanned.readable)
         lightning.fabric.seed_everything(cfg.seed, verbose=False)
@@ -145,15 +155,9 @@ class FineTune:
         self.data_checks = check_samples(source, cfg.max_pixels, scanned=scanned)
         for problem in self.data_checks.errors if not resuming else []:
             log.warning("data check: %s", problem)
-        if not resuming:
+        if write_files and not resuming:
             self._write_run_files(scanned)
         self._build_training(scanned.readable)
-        try:
-            history, timings = self._train(scanned, scan_s)
-        except KeyboardInterrupt:
-            self.console.print(f"interrupted; continue with: visiontune train --resume {self.dir}")
-            raise
-        return self._finish(history, timings, scanned, started)
 
     def _discover(self) -> SampleSet:
         cfg = self.cfg
@@ -241,7 +245,7 @@ class FineTune:
         # channels_last on CPU too: CNN training steps ran 2x faster here (docs/benchmarks.md)
         self.model = self.model.to(memory_format=torch.channels_last)
         groups = build_param_groups(self.model, cfg.weight_decay, cfg.lr_mult, self.fixed)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        optimizer = torch.optim.AdamW(groups, lr=0.0)  # set_lr sets every step's lr
         self.normalize = self.pre.normalizer()  # float batches pass through unchanged
         network = nn.Sequential(self.normalize, self.model)  # checkpoints save self.model alone
         self.module, self.optimizer = fabric.setup(torch.compile(network) if cfg.compile else network, optimizer)
@@ -260,12 +264,13 @@ class FineTune:
         views = 1 if cfg.augment == "none" else views  # without augmentation every view is the same
         return views if fits_in_memory(self.model, train_size, views) else 0
 
-    def _extract_cached(self) -> tuple[FeatureSet, FeatureSet]:
+    def extract_cached(self, val: bool = True) -> tuple[FeatureSet, FeatureSet | None]:
+        """Frozen-backbone features of train (`cached_views` views) and val (one un-augmented view)."""
         options = {**self.loader_options, "persistent_workers": False}
         args = (self.normalize, self.cfg.seed, self.cfg.batch_size * 2, options)
         return (
             extract_features(self.fabric, self.model, self.train_ds, self.cached_views, *args),
-            extract_features(self.fabric, self.model, self.val_ds, 1, *args),
+            extract_features(self.fabric, self.model, self.val_ds, 1, *args) if val else None,
         )
 
     # -- training ---------------------------------------------------------------------------------
@@ -308,7 +313,7 @@ class FineTune:
         if self.cached_views and start_epoch < cfg.freeze_epochs:
             t0 = time.perf_counter()
             with self.console.status(f"computing frozen-backbone features ({self.cached_views} view(s))"):
-                cached = self._extract_cached()
+                cached = self.extract_cached()
             timings["feature_cache_s"] = time.perf_counter() - t0
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()

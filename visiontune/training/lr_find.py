@@ -20,43 +20,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import lightning.fabric
 import numpy as np
 import torch
 from lightning.fabric import Fabric
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch import nn
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    RandomSampler,
-    WeightedRandomSampler,
-)
+from torch.utils.data import BatchSampler, DataLoader
 
 from visiontune.config import TrainConfig, build_config
-from visiontune.data.cache import DecodedImageCache
-from visiontune.data.dataset import ImageDataset, collate_skipping_none
-from visiontune.data.sources import discover
-from visiontune.data.transforms import Preprocessing
-from visiontune.data.validate import scan
-from visiontune.devices import plan_cpu
 from visiontune.errors import UserError
-from visiontune.models.backbones import check_weights_available, create_classifier
-from visiontune.models.param_groups import (
-    apply_freezing,
-    build_param_groups,
-    fixed_parameter_names,
-)
 from visiontune.training.checkpoint import atomic_write, write_text_atomic
-from visiontune.training.feature_cache import (
-    FeatureSet,
-    PooledHead,
-    extract_features,
-    fits_in_memory,
-)
-from visiontune.training.finetune import _make_fabric
-from visiontune.training.losses import ClassificationLoss, class_weights_for
+from visiontune.training.feature_cache import FeatureSet, PooledHead
+from visiontune.training.finetune import FineTune
+from visiontune.training.losses import ClassificationLoss
 
 SMOOTHING = 0.98  # EMA factor of the loss at 100+ steps, bias-corrected (Lightning's and fastai's)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its best value
@@ -136,58 +113,26 @@ def default_out_dir(model: str) -> Path:
 
 
 def _range_test(cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, progress: bool) -> LrFindResult:
-    check_weights_available(cfg.model, cfg.pretrained, cfg.weights)
-    fabric = _make_fabric(cfg.device)
-    workers = plan_cpu(cfg.threads, cfg.workers).apply().workers if fabric.device.type == "cpu" else (cfg.workers or 0)
-    source = discover(cfg.data, cfg.label_regex, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    readable = scan(source.samples, cfg.max_pixels).readable
-    labels = sorted({s.label for s in readable})
-    train = [s for s in readable if s.split == "train"]
-    if len(labels) < 2 or not train:
-        raise UserError(f"the lr range test needs training images of at least 2 classes, found {labels}")
-    lightning.fabric.seed_everything(cfg.seed, verbose=False)
-    model = create_classifier(cfg.model, len(labels), pretrained=cfg.pretrained, weights=cfg.weights)
-    pre = Preprocessing.from_model(model, cfg.image_size)
-    # as in training: with the decoded cache (filled here for a following `--lr auto` run) the loader
-    # yields uint8 and the network's first module normalises on the device
-    cache = DecodedImageCache.for_preprocessing(pre) if cfg.decoded_cache else None
-    transform = pre.train_transform(cfg.augment, normalize=cache is None)
-    dataset = ImageDataset(train, {label: i for i, label in enumerate(labels)}, transform, cfg.max_pixels, cache)
-    counts = [dataset.targets.count(i) for i in range(len(labels))]
-    generator = torch.Generator().manual_seed(cfg.seed)
-    if cfg.balance == "sampler":
-        weights = [1.0 / counts[t] for t in dataset.targets]
-        sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
+    """The sweep on a throw-away FineTune set up exactly as training's first epoch would be."""
+    tuner = FineTune(cfg, progress=False, run_dir=Path(cfg.out or "."))
+    tuner.setup(write_files=False)
+    if not tuner.train_ds.samples:
+        raise UserError("the lr range test needs training images")
+    tuner.prepare_epoch(0)  # seeds, train mode and the first stage's freezing
+    stage = tuner.stage_of(0)[0]
+    device, batch_size = tuner.fabric.device, cfg.batch_size
+    if stage == "frozen" and tuner.cached_views:
+        train_set, _ = tuner.extract_cached(val=False)  # as training's frozen stage: features computed once
+        forward = PooledHead(tuner.model).train()
+        index_batches = BatchSampler(tuner.sampler, batch_size, tuner.drop_last)
+        batches = _cycle_cached(train_set, index_batches, tuner.cached_views, device)
     else:
-        sampler = RandomSampler(dataset, generator=generator)
-    loss_fn = ClassificationLoss(
-        cfg.loss, len(labels), class_weights_for(counts) if cfg.balance == "weights" else None,
-        cfg.label_smoothing, cfg.focal_alpha, cfg.focal_gamma,
-    ).to(fabric.device)
-    fixed = fixed_parameter_names(model, cfg.unfreeze_from)
-    optimizer = torch.optim.AdamW(build_param_groups(model, cfg.weight_decay, cfg.lr_mult, fixed), lr=start_lr)
-    normalize = pre.normalizer()
-    module, optimizer = fabric.setup(nn.Sequential(normalize, model), optimizer)
-    stage = "frozen" if cfg.freeze_epochs > 0 else "unfrozen"
-    module.train()
-    apply_freezing(model, stage == "frozen", cfg.train_bn, fixed)
-
-    loader_options = {"num_workers": workers, "collate_fn": collate_skipping_none}
-    drop_last = len(dataset) > cfg.batch_size
-    views = 1 if cfg.augment == "none" else (cfg.feature_views or min(cfg.freeze_epochs, 4))
-    if stage == "frozen" and cfg.feature_cache and fits_in_memory(model, len(dataset), views):
-        # as training's frozen stage: the head learns from backbone features computed once
-        cached = extract_features(fabric, model, dataset, views, normalize, cfg.seed, cfg.batch_size * 2, loader_options)
-        forward = PooledHead(model).train()
-        batches = _cycle_cached(cached, BatchSampler(sampler, cfg.batch_size, drop_last), views, fabric.device)
-    else:
-        loader = DataLoader(dataset, cfg.batch_size, sampler=sampler, drop_last=drop_last,
-                            persistent_workers=workers > 0, **loader_options)
-        forward, batches = module, _cycle(fabric.setup_dataloaders(loader))
-    lrs, raw, smoothed = _sweep(fabric, forward, batches, loss_fn, optimizer, start_lr, end_lr, steps, progress)
+        forward, batches = tuner.module, _cycle(tuner.train_loader)
+    lrs, raw, smoothed = _sweep(tuner.fabric, forward, batches, tuner.loss_fn, tuner.optimizer, start_lr, end_lr,
+                                steps, progress)
     result = _suggest(lrs, raw, smoothed, stage, cfg.model)
-    if forward is not module:
-        result.notes.append(f"the head trained on cached backbone features ({views} view(s)), as in training")
+    if forward is not tuner.module:
+        result.notes.append(f"the head trained on cached backbone features ({tuner.cached_views} view(s)), as in training")
     return result
 
 

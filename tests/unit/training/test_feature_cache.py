@@ -67,13 +67,13 @@ def test_cache_leaves_backbone_and_batchnorm_statistics_untouched(tmp_path):
 def test_augmented_views_are_cached_once_and_cycled(tmp_path, monkeypatch):
     data = write_class_folders(tmp_path / "data", {"blue": 8, "red": 8})
     calls = []
-    real = FineTune._extract_cached
+    real = FineTune.extract_cached
 
-    def counting(self):
+    def counting(self, val=True):
         calls.append(self.cached_views)
-        return real(self)
+        return real(self, val)
 
-    monkeypatch.setattr(FineTune, "_extract_cached", counting)
+    monkeypatch.setattr(FineTune, "extract_cached", counting)
     run = visiontune.fit(data, out=str(tmp_path / "run"),
                          **{**TINY_OPTIONS, "epochs": 4, "freeze_epochs": 3, "augment": "light"})
     assert calls == [3]  # one extraction, one view per frozen epoch
@@ -83,7 +83,7 @@ def test_augmented_views_are_cached_once_and_cycled(tmp_path, monkeypatch):
 def test_no_cache_when_turned_off_or_nothing_is_frozen(tmp_path, monkeypatch):
     data = write_class_folders(tmp_path / "data", {"blue": 8, "red": 8})
     calls = []
-    monkeypatch.setattr(FineTune, "_extract_cached", lambda self: calls.append(1))
+    monkeypatch.setattr(FineTune, "extract_cached", lambda self, val=True: calls.append(1))
     visiontune.fit(data, out=str(tmp_path / "a"), **{**TINY_OPTIONS, "feature_cache": False})
     visiontune.fit(data, out=str(tmp_path / "b"), **{**TINY_OPTIONS, "freeze_epochs": 0})
     assert calls == []
