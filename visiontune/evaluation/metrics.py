@@ -130,7 +130,8 @@ def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, 
     """95% percentile intervals of accuracy and macro-F1 over resampled test sets.
 
     All resamples at once through one batched confusion matrix: the same definitions as
-    scikit-learn (F1 = 2tp / (2tp + fp + fn), 0 where undefined) without 2,000 library calls.
+    scikit-learn (F1 = 2tp / (2tp + fp + fn), macro over the classes a resample contains) without
+    2,000 library calls.
     """
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(y_true), (samples, len(y_true)))
@@ -148,9 +149,10 @@ def resampled_scores(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy and macro-F1 of a stack of confusion matrices (samples, classes, classes)."""
     tp = np.diagonal(counts, axis1=1, axis2=2).astype(float)
     denominator = counts.sum(axis=1) + counts.sum(axis=2)  # (2tp + fp + fn) per class
+    present = denominator > 0  # a class absent from a resample (true and predicted) is not scored 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(denominator > 0, 2 * tp / denominator, 0.0)
-    return tp.sum(axis=1) / counts.sum(axis=(1, 2)), f1.mean(axis=1)
+        f1 = np.where(present, 2 * tp / denominator, 0.0)
+    return tp.sum(axis=1) / counts.sum(axis=(1, 2)), f1.sum(axis=1) / present.sum(axis=1)
 
 
 def _f1(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray, average: str) -> float:

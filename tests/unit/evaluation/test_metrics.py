@@ -18,7 +18,7 @@ def test_vectorised_resample_scores_equal_scikit_learn(n_classes):
         y_pred = np.where(rng.random(40) < 0.6, y_true, rng.integers(0, n_classes, 40))
         stacks.append(confusion_matrix(y_true, y_pred, labels=range(n_classes)))
         expected.append((accuracy_score(y_true, y_pred),
-                         f1_score(y_true, y_pred, labels=range(n_classes), average="macro", zero_division=0)))
+                         f1_score(y_true, y_pred, average="macro", zero_division=0)))  # classes present
     accuracy, f1 = m.resampled_scores(np.stack(stacks))
     np.testing.assert_allclose(accuracy, [e[0] for e in expected])
     np.testing.assert_allclose(f1, [e[1] for e in expected])
@@ -32,6 +32,12 @@ def test_bootstrap_interval_contains_the_estimate_and_is_seeded():
     assert first == m.bootstrap_intervals(y_true, y_pred, 3)
     low, high = first["accuracy"]
     assert low < accuracy_score(y_true, y_pred) < high and high - low < 0.35
+
+
+def test_perfect_predictions_have_a_degenerate_interval_even_when_a_class_is_rare():
+    y_true = np.array([0] * 30 + [1] * 30 + [2] * 2)
+    intervals = m.bootstrap_intervals(y_true, y_true.copy(), 3)
+    assert intervals["accuracy"] == [1.0, 1.0] and intervals["f1_macro"] == [1.0, 1.0]
 
 
 def test_threshold_for_recall_reaches_the_target_with_the_highest_threshold():
