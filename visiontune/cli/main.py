@@ -20,9 +20,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from visiontune.cli.anomaly import anomaly_app
+from visiontune.cli.bench import benchmark, export
 from visiontune.cli.compare import register as register_compare
-from visiontune.cli.tune import tune as tune_command
 from visiontune.cli.features import register as register_features
+from visiontune.cli.tune import tune as tune_command
 from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError
 
@@ -37,6 +38,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 app.add_typer(anomaly_app, name="anomaly", help="Unsupervised defect detection: PaDiM and PatchCore.")
+app.command()(benchmark)
+app.command()(export)
 register_compare(app)  # compare, lr-find
 app.command(name="tune")(tune_command)
 register_features(app)
@@ -65,6 +68,8 @@ def train(
     epochs: Annotated[Optional[int], Opt(help=_help("epochs"))] = None,
     freeze_epochs: Annotated[Optional[int], Opt(help=_help("freeze_epochs"))] = None,
     unfreeze_from: Annotated[Optional[str], Opt(help=_help("unfreeze_from"))] = None,
+    decoded_cache: Annotated[Optional[bool], Opt("--decoded-cache/--no-decoded-cache", help=_help("decoded_cache"))] = None,
+    compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help=_help("compile"))] = None,
     feature_cache: Annotated[Optional[bool], Opt("--feature-cache/--no-feature-cache", help=_help("feature_cache"))] = None,
     feature_views: Annotated[Optional[int], Opt(help=_help("feature_views"))] = None,
     train_bn: Annotated[Optional[bool], Opt("--train-bn/--no-train-bn", help=_help("train_bn"))] = None,
@@ -139,6 +144,10 @@ def check(
 RunArg = Annotated[Path, typer.Argument(help="A run directory written by `visiontune train`.")]
 Device = Annotated[str, Opt(help="auto | cpu | cuda")]
 Workers = Annotated[Optional[int], Opt(help="Decoding worker processes; default from free cores.")]
+BatchSize = Annotated[int | None, Opt(help="Images per inference batch (default: chosen per device).")]
+Backend = Annotated[str | None, Opt(help="torch | onnx (ONNX Runtime, CPU) [default: torch]")]
+Precision = Annotated[str | None, Opt(help="fp32 | bf16 (torch autocast) [default: fp32 on CPU, bf16 on CUDA]")]
+Quantize = Annotated[str | None, Opt(help="int8: ONNX Runtime static int8, calibrated on the run's training images.")]
 
 
 @app.command()
@@ -150,16 +159,20 @@ def evaluate(
     positive: Annotated[Optional[str], Opt(help="Binary: the positive class (default: the second label).")] = None,
     temperature: Annotated[bool, Opt("--temperature", help="Fit temperature scaling on val; saved for predict.")] = False,
     top_n: Annotated[int, Opt(help="Images in the top-losses and best-predictions grids.")] = 8,
-    batch_size: Annotated[int, Opt(help="Images per inference batch.")] = 64,
+    batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
+    backend: Backend = None,
+    precision: Precision = None,
+    quantize: Quantize = None,
 ) -> None:
     """Metrics, confusion matrix, top losses, calibration (and ROC/PR for binary) in RUN/eval/."""
     import visiontune
 
     run = visiontune.load_run(run_dir)
     result = run.evaluate(split, data, target_recall=target_recall, positive=positive, temperature=temperature,
-                          top_n=top_n, batch_size=batch_size, workers=workers, device=device)
+                          top_n=top_n, batch_size=batch_size, workers=workers, device=device,
+                          backend=backend, precision=precision, quantize=quantize)
     _print_metrics(result)
     stdout.print(f"written: {run.dir / 'eval' / result['name']} and {run.dir / 'report.html'}")
 
@@ -171,15 +184,19 @@ def predict(
     out: Annotated[Path, Opt(help="Output file: .csv or .jsonl.")] = Path("predictions.csv"),
     top_k: Annotated[int, Opt(help="Also list the k most likely classes.")] = 1,
     tta: Annotated[bool, Opt("--tta", help="Average with the horizontally flipped image.")] = False,
-    batch_size: Annotated[int, Opt(help="Images per inference batch.")] = 32,
+    batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
+    backend: Backend = None,
+    precision: Precision = None,
+    quantize: Quantize = None,
 ) -> None:
     """Label images with a trained run; unreadable files are listed, never fatal."""
     import visiontune
 
     result = visiontune.load_run(run_dir).predict(
-        paths, out=out, top_k=top_k, tta=tta, batch_size=batch_size, workers=workers, device=device
+        paths, out=out, top_k=top_k, tta=tta, batch_size=batch_size, workers=workers, device=device,
+        backend=backend, precision=precision, quantize=quantize,
     )
     stdout.print(f"{result.written} prediction(s) written to {out}")
     if result.skipped:

@@ -18,7 +18,12 @@ from visiontune.errors import UserError
 from visiontune.evaluation import metrics as m
 from visiontune.evaluation import plots
 from visiontune.evaluation.calibration import fit_temperature
-from visiontune.evaluation.inference import iter_logits, probabilities
+from visiontune.evaluation.inference import (
+    iter_logits,
+    load_for_inference,
+    plan_inference,
+    probabilities,
+)
 from visiontune.run import Run
 from visiontune.training.checkpoint import write_text_atomic
 
@@ -41,16 +46,23 @@ def evaluate_run(
     positive: str | None = None,
     temperature: bool = False,
     top_n: int = 8,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
+    backend: str | None = None,
+    precision: str | None = None,
+    quantize: str | None = None,
 ) -> dict:
-    """Evaluate the best checkpoint of `run` on `split`, or on the folder `data` (out of domain)."""
+    """Evaluate the best checkpoint of `run` on `split`, or on the folder `data` (out of domain).
+
+    Speed options left unset come from `plan_inference` for the device.
+    """
     labels = run.labels
     name, samples, unknown = _select(run, split, data)
-    model, transform = run.load_model("best"), run.preprocessing.eval_transform()
-    infer = dict(batch_size=batch_size, workers=workers, device=resolve_device(device),
-                 max_pixels=run.config.max_pixels)
+    plan = plan_inference(resolve_device(device), batch_size, precision, backend, quantize, workers=workers)
+    model, plan = load_for_inference(run, plan, fallback=backend is None and quantize is None)
+    transform = run.preprocessing.eval_transform()
+    infer = {"plan": plan, "max_pixels": run.config.max_pixels}
 
     def predict(pairs: list[tuple[str, int]]) -> tuple[list[str], np.ndarray, np.ndarray, list]:
         target_of = dict(pairs)
@@ -78,9 +90,7 @@ def evaluate_run(
     result = {
         "name": name, "split": split if data is None else None, "data": data,
         "checkpoint": "best", "labels": labels, "notes": _notes(name),
-        **m.classification_metrics(y_true, probs, labels),
-        "bootstrap_95ci": m.bootstrap_intervals(y_true, probs.argmax(axis=1), len(labels)),
-        "calibration": {"uncalibrated": m.expected_calibration_error(y_true, probs)},
+        **m.prediction_metrics(y_true, probs, labels),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "unknown_classes": unknown,
     }
@@ -164,18 +174,7 @@ def _in_domain_reference(run: Run) -> dict | None:
 
 def _write_outputs(run: Run, out_dir: Path, result: dict, paths: list[str], y_true: np.ndarray,
                    probs: np.ndarray, top_n: int) -> None:
-    labels = result["labels"]
-    y_pred = probs.argmax(axis=1)
-    losses = -np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None))
-    rows = [
-        {"path": p, "actual": labels[t], "predicted": labels[q], "probability": float(probs[i, q]),
-         "loss": float(losses[i]), **{f"p_{label}": float(probs[i, k]) for k, label in enumerate(labels)}}
-        for i, (p, t, q) in enumerate(zip(paths, y_true, y_pred))
-    ]
-    with (out_dir / "predictions.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows, losses = write_predictions_csv(out_dir / "predictions.csv", paths, y_true, probs, result["labels"])
     order = np.argsort(-losses, kind="stable")
     worst = [rows[i] for i in order[:top_n]]
     best = [rows[i] for i in order[::-1][:top_n]]
@@ -191,6 +190,23 @@ def _write_outputs(run: Run, out_dir: Path, result: dict, paths: list[str], y_tr
     result["top_losses"] = worst
     result["figures"] = figures
     _save_json(out_dir / "metrics.json", result)
+
+
+def write_predictions_csv(path: Path, paths: list[str], y_true: np.ndarray, probs: np.ndarray,
+                          labels: list[str]) -> tuple[list[dict], np.ndarray]:
+    """predictions.csv: every image with its class probabilities and loss; returns (rows, losses)."""
+    y_pred = probs.argmax(axis=1)
+    losses = -np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None))
+    rows = [
+        {"path": p, "actual": labels[t], "predicted": labels[q], "probability": float(probs[i, q]),
+         "loss": float(losses[i]), **{f"p_{label}": float(probs[i, k]) for k, label in enumerate(labels)}}
+        for i, (p, t, q) in enumerate(zip(paths, y_true, y_pred))
+    ]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows, losses
 
 
 def _explain_worst(run: Run, result: dict, out_dir: Path) -> None:

@@ -2,13 +2,21 @@
 
 Results come out batch by batch, so memory does not grow with the number of images; unreadable
 files come out with their reason instead of stopping the stream.
+
+How it runs is an `InferencePlan`, chosen per device (`plan_inference`): on a CPU, where compute
+dominates and large batches fall out of cache, small batches through ONNX Runtime (fp32, same
+predictions, faster than eager torch; torch channels-last without it) on the free cores, with one
+decoding worker overlapping the model; on CUDA, large bf16 channels-last batches from pinned
+memory. Every choice can be overridden, and `visiontune benchmark` shows the plan it measured.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +25,11 @@ from torch.utils.data import DataLoader
 
 from visiontune.data.dataset import ImageFiles, collate_image_files, default_workers
 from visiontune.data.sources import list_image_files
+from visiontune.devices import plan_cpu
 from visiontune.errors import UserError
 from visiontune.training.losses import ClassificationLoss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,32 +39,129 @@ class PredictedBatch:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
+BACKENDS = ("torch", "onnx")
+PRECISIONS = ("fp32", "bf16")
+CPU_BATCH, CUDA_BATCH = 8, 64  # measured: docs/benchmarks.md, "Fast inference"
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    device: str  # "cpu" or "cuda"
+    batch_size: int
+    channels_last: bool
+    precision: str  # fp32 | bf16 (autocast)
+    backend: str  # torch | onnx
+    quantize: str | None  # None | int8 (onnx only)
+    threads: int  # torch / ONNX Runtime intra-op threads (CPU)
+    workers: int  # decoding worker processes
+
+    def describe(self) -> str:
+        kind = "onnx int8" if self.quantize else f"{self.backend} {self.precision}"
+        return (f"{self.device}: {kind}, batch {self.batch_size}, "
+                f"{'channels_last' if self.channels_last else 'NCHW'}, {self.threads} thread(s), "
+                f"{self.workers} decode worker(s)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_inference(
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+    precision: str | None = None,
+    backend: str | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
+    workers: int | None = None,
+) -> InferencePlan:
+    """The plan for `device`; options given explicitly are kept, the rest chosen for the device."""
+    device = torch.device(device)
+    if backend not in (None, *BACKENDS):
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if precision not in (None, *PRECISIONS):
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if quantize not in (None, "int8"):
+        raise UserError(f"--quantize must be int8 (or not given), not {quantize!r}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if quantize:
+        backend = "onnx"
+    elif backend is None:  # ONNX Runtime is the faster fp32 CPU path where it is installed
+        backend = "onnx" if device.type == "cpu" and precision != "bf16" and onnx_available() else "torch"
+    if backend == "onnx" and device.type != "cpu":
+        raise UserError("--backend onnx runs on the CPU; use --device cpu")
+    if backend == "onnx" and precision == "bf16":
+        raise UserError("--precision bf16 applies to --backend torch only")
+    if device.type == "cuda":
+        return InferencePlan("cuda", batch_size or CUDA_BATCH, True, precision or "bf16", backend, quantize,
+                             torch.get_num_threads(), default_workers() if workers is None else workers)
+    cpu = plan_cpu(threads, workers)
+    return InferencePlan("cpu", batch_size or CPU_BATCH, backend == "torch", precision or "fp32", backend,
+                         quantize, cpu.threads, cpu.workers)
+
+
+def onnx_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def load_for_inference(run, plan: InferencePlan, fallback: bool = False) -> tuple[object, InferencePlan]:
+    """The run's best model ready for `plan`: an nn.Module or an ONNX Runtime model, and the plan.
+
+    With `fallback` (the backend was chosen automatically), a model the ONNX exporter cannot handle
+    runs in torch instead, with a warning, and the returned plan says so.
+    """
+    if plan.backend == "onnx":
+        from visiontune.export.onnx import OnnxModel, export_run
+
+        try:
+            return OnnxModel(export_run(run, plan.quantize), plan.threads), plan
+        except Exception as exc:
+            if not fallback or isinstance(exc, UserError):
+                raise
+            log.warning("ONNX export failed (%s); running in torch instead", str(exc).splitlines()[0][:200])
+            plan = replace(plan, backend="torch", channels_last=True)
+    return run.load_model("best"), plan
+
+
 def iter_logits(
-    model: torch.nn.Module,
+    model,
     transform,
     paths: Sequence[str],
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int | None = None,
     max_pixels: int = 89_478_485,
     tta: bool = False,
     device: str | torch.device = "cpu",
+    plan: InferencePlan | None = None,
 ) -> Iterator[PredictedBatch]:
-    """Logits for `paths` in order, batch by batch; `tta` averages with the horizontal flip."""
-    device = torch.device(device)
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    workers = default_workers() if workers is None else workers
+    """Logits for `paths` in order, batch by batch; `tta` averages with the horizontal flip.
+
+    `model` is an nn.Module or a callable from tensors to logits (`OnnxModel`); without `plan`,
+    one is chosen for `device` (batch size and workers as given).
+    """
+    if plan is None:
+        backend = "torch" if isinstance(model, torch.nn.Module) else "onnx"
+        plan = plan_inference(device, batch_size=batch_size, backend=backend, workers=workers)
+    device = torch.device(plan.device)
+    if plan.device == "cpu":
+        torch.set_num_threads(plan.threads)
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device).eval()
+        if plan.channels_last:
+            model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(
-        ImageFiles(paths, transform, max_pixels), batch_size=batch_size, num_workers=workers,
+        ImageFiles(paths, transform, max_pixels), batch_size=plan.batch_size, num_workers=plan.workers,
         collate_fn=collate_image_files, pin_memory=device.type == "cuda",
     )
+    autocast = plan.precision == "bf16" and plan.backend == "torch"
     with torch.inference_mode():
         for images, indices, bad in loader:
             logits = np.zeros((0, 0), dtype=np.float32)
             if images is not None:
                 images = images.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                if plan.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     out = model(images)
                     if tta:
                         out = (out + model(images.flip(-1))) / 2

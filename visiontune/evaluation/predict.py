@@ -20,6 +20,8 @@ from visiontune.errors import UserError
 from visiontune.evaluation.inference import (
     expand_image_paths,
     iter_logits,
+    load_for_inference,
+    plan_inference,
     probabilities,
 )
 from visiontune.run import Run
@@ -36,17 +38,23 @@ class Predictions:
 
 
 def iter_rows(
-    run: Run, inputs: Sequence[str], top_k: int = 1, tta: bool = False, batch_size: int = 32,
-    workers: int | None = None, device: str = "auto",
+    run: Run, inputs: Sequence[str], top_k: int = 1, tta: bool = False, batch_size: int | None = None,
+    workers: int | None = None, device: str = "auto", backend: str | None = None,
+    precision: str | None = None, quantize: str | None = None, threads: int | None = None,
 ) -> Iterator[dict]:
-    """One dict per image: a prediction row, or {"path", "skipped": reason} for an unreadable file."""
+    """One dict per image: a prediction row, or {"path", "skipped": reason} for an unreadable file.
+
+    Unset speed options (batch size, workers, backend, precision, threads) come from
+    `plan_inference` for the device; `quantize="int8"` runs the int8 ONNX model.
+    """
     labels = run.labels
     top_k = max(1, min(top_k, len(labels)))
     threshold = run.threshold if len(labels) == 2 else None
+    paths = expand_image_paths(inputs)
+    plan = plan_inference(resolve_device(device), batch_size, precision, backend, quantize, threads, workers)
+    model, plan = load_for_inference(run, plan, fallback=backend is None and quantize is None)
     batches = iter_logits(
-        run.load_model("best"), run.preprocessing.eval_transform(), expand_image_paths(inputs),
-        batch_size=batch_size, workers=workers, max_pixels=run.config.max_pixels, tta=tta,
-        device=resolve_device(device),
+        model, run.preprocessing.eval_transform(), paths, max_pixels=run.config.max_pixels, tta=tta, plan=plan
     )
     for batch in batches:
         yield from ({"path": path, "skipped": reason} for path, reason in batch.skipped)

@@ -4,6 +4,7 @@
 ends with an atomic resume state holding everything the next epoch depends on (weights, optimizer,
 step counters, early-stopping state, history); per-epoch reseeding makes data order and
 augmentation a function of (seed, epoch), so a resumed run continues exactly where it stopped.
+The frozen stage trains the head on cached backbone features where it can (feature_cache.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,157 @@
+"""`visiontune predict`'s inference paths against the naive per-image loop, in one process.
+
+    python benchmarks/predict_vs_naive.py [--run RUN] [--md section.md] [--json out.json]
+
+Without --run, a tf_efficientnet_lite0 run is trained first on hymenoptera from the shared
+weights (3 frozen epochs, about two minutes). The images are hymenoptera's val folder (153),
+listed --repeat times. Throughput is marginal: each path is timed from its first batch out (the
+naive loop: from its second image), so start-up (model load, ONNX export, worker processes) is
+excluded. The naive loop is what one writes first: open, transform, `model(x[None])`, fp32 NCHW, at
+2 torch threads and at 1. Every path's val predictions are compared with the naive loop's
+(argmax agreement, largest probability difference) and scored against the folder labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import visiontune
+from visiontune.bench import machine
+from visiontune.data.images import load_rgb
+from visiontune.evaluation.inference import (
+    iter_logits,
+    load_for_inference,
+    plan_inference,
+)
+
+SHARED = Path("/work/shared")
+VARIANTS = {  # name: plan options; everything else is the automatic CPU plan
+    "torch fp32": {"backend": "torch"},
+    "torch bf16": {"precision": "bf16"},
+    "onnx fp32 (the default)": {},
+    "onnx int8 (--quantize int8)": {"quantize": "int8"},
+}
+
+
+def main() -> None:
+    args = _parse()
+    run = visiontune.load_run(args.run) if args.run else _train(args)
+    val = sorted(str(p) for p in (args.data / "val").rglob("*.jpg"))
+    truth = np.array([run.labels.index(Path(p).parent.name) for p in val])
+    paths = val * args.repeat
+    transform, max_pixels = run.preprocessing.eval_transform(), run.config.max_pixels
+    load_before = os.getloadavg()
+
+    results = {}
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        results[f"naive loop, {threads} thread(s)"] = _naive(run, paths, transform, max_pixels) | {
+            "plan": f"per image, fp32 NCHW, {threads} thread(s), no workers"}
+    for name, options in VARIANTS.items():
+        plan = plan_inference("cpu", threads=args.threads, workers=args.workers, **options)
+        model, plan = load_for_inference(run, plan)  # exports (and calibrates) outside the timing
+        results[name] = _planned(model, plan, paths, transform, max_pixels) | {"plan": plan.describe()}
+    load_after = os.getloadavg()
+
+    reference, single = results["naive loop, 2 thread(s)"], results["naive loop, 1 thread(s)"]
+    n = len(val)
+    for result in results.values():
+        result["speedup"] = result["images_per_s"] / reference["images_per_s"]
+        result["speedup_1_thread"] = result["images_per_s"] / single["images_per_s"]
+        probs, ref = _softmax(result["logits"][:n]), _softmax(reference["logits"][:n])
+        result["argmax_agreement"] = float((probs.argmax(1) == ref.argmax(1)).mean())
+        result["max_abs_prob_diff"] = float(np.abs(probs - ref).max())
+        result["val_accuracy"] = float((probs.argmax(1) == truth).mean())
+    text = _markdown(args, run, results, load_before, load_after, len(paths))
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({k: {f: v for f, v in r.items() if f != "logits"} for k, r in results.items()},
+                                        indent=2))
+
+
+def _naive(run, paths, transform, max_pixels) -> dict:
+    model = run.load_model("best")
+    logits, start = [], None
+    with torch.inference_mode():
+        for path in paths:
+            logits.append(model(transform(load_rgb(path, max_pixels))[None]).numpy()[0])
+            start = start or time.perf_counter()  # the first image is warm-up
+    seconds = time.perf_counter() - start
+    return {"images_per_s": (len(paths) - 1) / seconds, "logits": np.array(logits)}
+
+
+def _planned(model, plan, paths, transform, max_pixels) -> dict:
+    logits, counted, start = [], 0, None
+    for batch in iter_logits(model, transform, paths, max_pixels=max_pixels, plan=plan):
+        logits.append(batch.logits)
+        if start is None:
+            start = time.perf_counter()  # the first batch carries the start-up
+        else:
+            counted += len(batch.paths)
+    return {"images_per_s": counted / (time.perf_counter() - start), "logits": np.concatenate(logits)}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
+
+
+def _train(args):
+    return visiontune.fit(
+        str(args.data), model="tf_efficientnet_lite0", weights=str(args.weights), epochs=3, freeze_epochs=3,
+        augment="none", report=False, out=str(args.out),
+    )
+
+
+def _markdown(args, run, results, load_before, load_after, n_images) -> str:
+    import onnxruntime
+
+    info = machine()
+    lines = [
+        "## Fast inference: predict paths vs the naive per-image loop (issue #5)", "",
+        f"`python benchmarks/predict_vs_naive.py{' --run RUN' if args.run else ''} --repeat {args.repeat}` on "
+        f"{info['cpu']}, {info['cores']} cores ({platform.python_version()}, torch {info['torch']}, onnxruntime "
+        f"{onnxruntime.__version__}); model `{run.metadata['model']}` trained on hymenoptera with the shared "
+        f"weights; {n_images} images (val x {args.repeat}); marginal throughput (start-up excluded). "
+        f"Load average before {_fmt(load_before)}, after {_fmt(load_after)}"
+        + (" (before: busy, other processes were running)." if load_before[0] > 0.5 else " (quiet before the run)."), "",
+        ("| path | plan | images/s | vs naive, 2 threads | vs naive, 1 thread | argmax agreement with naive "
+         "| max abs prob diff | val accuracy |"),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['plan']} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_1_thread']:.2f}x | "
+                     f"{r['argmax_agreement']:.3f} | {r['max_abs_prob_diff']:.2g} | {r['val_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(load: tuple[float, ...]) -> str:
+    return ", ".join(f"{v:.2f}" for v in load)
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", help="An existing lite0 hymenoptera run (else one is trained).")
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "hymenoptera")
+    parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-predict-lite0"), help="Where to train the run.")
+    parser.add_argument("--repeat", type=int, default=1, help="Times the val folder is listed.")
+    parser.add_argument("--threads", type=int, help="Threads for the planned paths (default: the free cores).")
+    parser.add_argument("--workers", type=int, help="Decode workers for the planned paths (default: from free cores).")
+    parser.add_argument("--md", type=Path, help="Also write the markdown section to this file.")
+    parser.add_argument("--json", type=Path, help="Also write the numbers as JSON.")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

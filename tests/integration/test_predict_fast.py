@@ -1,0 +1,145 @@
+"""Fast inference on a tiny trained run: ONNX fp32 equals torch, int8 agrees, plan changes are
+invisible in the predictions, exported files are cached, and bad options are one-line errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import visiontune
+from tests.conftest import TINY_OPTIONS, write_class_folders
+from visiontune.cli.main import main
+from visiontune.evaluation.inference import (
+    InferencePlan,
+    iter_logits,
+    load_for_inference,
+    plan_inference,
+)
+
+needs_onnx = pytest.mark.skipif(
+    not all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime")),
+    reason="the ONNX backend needs onnx and onnxruntime (pip install 'visiontune[onnx]')",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    data = write_class_folders(root / "data", {"blue": 12, "red": 12})
+    return visiontune.fit(data, out=str(root / "run"), **{**TINY_OPTIONS, "epochs": 3, "lr": 1e-2}), data
+
+
+def logits_with(run, paths, **options) -> np.ndarray:
+    options.setdefault("backend", None if "quantize" in options else "torch")
+    plan = options.pop("plan", None) or plan_inference("cpu", threads=1, workers=0, **options)
+    model, plan = load_for_inference(run, plan)
+    batches = iter_logits(model, run.preprocessing.eval_transform(), paths, plan=plan)
+    return np.concatenate([b.logits for b in batches])
+
+
+def image_paths(data) -> list[str]:
+    return sorted(str(p) for p in data.rglob("*.png"))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_channels_last_and_batch_size_do_not_change_predictions(tiny_run):
+    run, data = tiny_run
+    paths = image_paths(data)
+    base = {"device": "cpu", "precision": "fp32", "backend": "torch", "quantize": None, "threads": 1, "workers": 0}
+    nchw_single = logits_with(run, paths, plan=InferencePlan(batch_size=1, channels_last=False, **base))
+    channels_last_batched = logits_with(run, paths, plan=InferencePlan(batch_size=7, channels_last=True, **base))
+    np.testing.assert_allclose(channels_last_batched, nchw_single, atol=1e-4)
+
+
+def test_bf16_probabilities_stay_close(tiny_run):
+    run, data = tiny_run
+    paths = image_paths(data)
+    fp32, bf16 = logits_with(run, paths), logits_with(run, paths, precision="bf16")
+    assert np.abs(softmax(bf16) - softmax(fp32)).max() < 0.05
+
+
+@needs_onnx
+def test_onnx_fp32_equals_torch_and_int8_agrees_on_argmax(tiny_run):
+    run, data = tiny_run
+    paths = image_paths(data)
+    torch_logits = logits_with(run, paths)
+    onnx_logits = logits_with(run, paths, backend="onnx")
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
+    int8_logits = logits_with(run, paths, quantize="int8")
+    assert (int8_logits.argmax(axis=1) == torch_logits.argmax(axis=1)).all()
+    assert not np.allclose(int8_logits, torch_logits, atol=1e-6)  # it really is the quantized model
+
+
+@needs_onnx
+def test_export_is_cached_until_the_checkpoint_changes(tiny_run):
+    from visiontune.export.onnx import export_run
+
+    run, _ = tiny_run
+    first = export_run(run)
+    assert first == run.dir / "export" / "model.onnx" and first.with_name("model.onnx.json").is_file()
+    written = first.stat().st_mtime_ns
+    assert export_run(run).stat().st_mtime_ns == written  # cached
+    checkpoint = run.checkpoint_path("best")
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10**9))
+    assert export_run(run).stat().st_mtime_ns != written  # re-exported
+    assert not list((run.dir / "export").glob(".*.tmp"))
+
+
+@needs_onnx
+def test_predict_api_with_onnx_backend_gives_the_same_labels(tiny_run):
+    run, data = tiny_run
+    torch_rows = run.predict(str(data), workers=0, backend="torch").rows
+    onnx_rows = run.predict(str(data), workers=0).rows  # onnx: the CPU default where installed
+    assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
+    assert max(abs(a["probability"] - b["probability"]) for a, b in zip(onnx_rows, torch_rows)) < 1e-4
+
+
+def test_automatic_backend_falls_back_to_torch_when_export_fails(tiny_run, monkeypatch, caplog):
+    import visiontune.export.onnx as onnx_export
+
+    run, data = tiny_run
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(onnx_export, "export_run", broken_export)
+    plan = plan_inference("cpu", backend="onnx", threads=1, workers=0)
+    model, used = load_for_inference(run, plan, fallback=True)
+    assert isinstance(model, torch.nn.Module) and used.backend == "torch" and used.channels_last
+    assert "unsupported operator" in caplog.text
+    with pytest.raises(RuntimeError):
+        load_for_inference(run, plan)  # asked for explicitly: the error stands
+    assert len(run.predict(str(data), workers=0).rows) == len(image_paths(data))
+
+
+def run_cli(monkeypatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["visiontune", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--backend", "tensorflow"), "--backend must be one of torch, onnx"),
+    (("--precision", "fp16"), "--precision must be one of fp32, bf16"),
+    (("--quantize", "int4"), "--quantize must be int8"),
+])
+def test_predict_option_errors_exit_2_with_one_line(tiny_run, tmp_path, monkeypatch, capsys, args, message):
+    run, data = tiny_run
+    assert run_cli(monkeypatch, "predict", run.dir, data, "--out", tmp_path / "p.csv", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_missing_run_dir_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    assert run_cli(monkeypatch, "export", tmp_path / "missing") == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a visiontune run directory" in err and len(err.splitlines()) == 1

@@ -1,0 +1,1 @@
+"""Exporting a run's model for other runtimes (ONNX, optionally int8)."""
