@@ -67,6 +67,11 @@ class TrainConfig(BaseModel):
         description="Frozen stage: train the head on backbone features computed once (BatchNorm statistics "
         "fixed) instead of running the backbone every epoch.",
     )
+    feature_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Precision of the cached frozen-backbone pass; auto: bf16 on GPUs and on CPUs with native "
+        "bf16 (AMX / AVX512-BF16), else fp32 (fp32 gives the same head as --no-feature-cache).",
+    )
     feature_views: int | None = Field(
         None, ge=1,
         description="Augmented views per training image in the feature cache; default 1 without "

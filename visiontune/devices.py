@@ -39,6 +39,16 @@ class CpuPlan:
         return f"{self.threads} torch thread(s), {self.workers} loader worker(s) ({self.cores} cores, {self.busy:.1f} busy)"
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -55,17 +65,20 @@ def busy_cores(interval: float = 0.2) -> float:
 
 
 def plan_cpu(threads: int | None = None, workers: int | None = None, loader: bool = True) -> CpuPlan:
-    """Threads = free cores; one worker decodes when a second core is free (`loader=False`: none).
+    """Torch threads and decode workers for the cores free now; explicit values are kept as given.
 
-    Explicit `threads` / `workers` are kept as given.
+    Up to 3 free cores, decoding stays in the main process: on 2 cores a worker process beside 2
+    torch threads made both training and frozen-feature extraction slower (docs/benchmarks.md,
+    issue #5). Larger machines give a quarter of the free cores (at most 4) to decoding.
+    `loader=False`: no decoding at all, so no workers.
     """
     cores = usable_cores()
     busy = busy_cores() if threads is None or workers is None else 0.0
     free = max(1, min(cores, round(cores - busy)))
     if workers is None:
-        workers = min(4, free - 1) if loader and free > 1 else 0
+        workers = min(4, free // 4) if loader else 0
     if threads is None:
-        threads = free
+        threads = max(1, free - workers)
     return CpuPlan(cores, busy, max(1, threads), max(0, workers))
 
 

@@ -72,6 +72,7 @@ def train(
     compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help=_help("compile"))] = None,
     feature_cache: Annotated[Optional[bool], Opt("--feature-cache/--no-feature-cache", help=_help("feature_cache"))] = None,
     feature_views: Annotated[Optional[int], Opt(help=_help("feature_views"))] = None,
+    feature_precision: Annotated[Optional[str], Opt(help="auto | fp32 | bf16 [config default: auto]")] = None,
     train_bn: Annotated[Optional[bool], Opt("--train-bn/--no-train-bn", help=_help("train_bn"))] = None,
     batch_size: Annotated[Optional[int], Opt(help=_help("batch_size"))] = None,
     lr: Annotated[Optional[str], Opt(help=_help("lr"))] = None,

@@ -85,7 +85,7 @@ class FeatureExtractor(nn.Module):
         per image), or self when folding changes the output on a probe batch (a BatchNorm that
         does not directly consume the preceding convolution's output). Saving uses the original."""
         folded = copy.deepcopy(self)
-        _fold_batch_norms(folded.model)
+        fold_batch_norms(folded.model)
         probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         probe = probe.to(next(self.parameters()).device)
         with torch.inference_mode():
@@ -94,9 +94,11 @@ class FeatureExtractor(nn.Module):
         return folded if same else self
 
 
-def _fold_batch_norms(model: nn.Module) -> None:
+def fold_batch_norms(model: nn.Module) -> int:
     """Fold BatchNorms into the convolution registered just before them (timm's CNNs register
-    them in execution order); a BatchNormAct2d leaves its dropout and activation in its place."""
+    them in execution order); a BatchNormAct2d leaves its dropout and activation in its place.
+    Returns how many were folded; callers check the output is unchanged before trusting it."""
+    count = 0
     for parent in list(model.modules()):
         children = list(parent.named_children())
         for (_, conv), (name, norm) in itertools.pairwise(children):
@@ -109,6 +111,8 @@ def _fold_batch_norms(model: nn.Module) -> None:
                 conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, weight, bias)
             rest = [module for module in (getattr(norm, "drop", None), getattr(norm, "act", None)) if module is not None]
             setattr(parent, name, nn.Sequential(*rest) if rest else nn.Identity())
+            count += 1
+    return count
 
 
 def create_extractor(backbone: str, layers: list[str], pretrained: bool, weights: str | Path | None,

@@ -34,7 +34,7 @@ def test_cached_frozen_stage_trains_the_same_head_as_the_backbone_path(tmp_path)
     data = write_class_folders(tmp_path / "data", {"blue": 14, "green": 14, "red": 14})
     options = dict(epochs=3, freeze_epochs=3, train_bn=False, augment="none", lr=1e-2, batch_size=5)
     slow = _train(data, tmp_path / "slow", feature_cache=False, **options)
-    fast = _train(data, tmp_path / "fast", feature_cache=True, **options)
+    fast = _train(data, tmp_path / "fast", feature_cache=True, feature_precision="fp32", **options)
     assert len(slow.heads) == len(fast.heads) == 3
     for slow_head, fast_head in zip(slow.heads, fast.heads):
         for name in slow_head:
@@ -87,3 +87,14 @@ def test_no_cache_when_turned_off_or_nothing_is_frozen(tmp_path, monkeypatch):
     visiontune.fit(data, out=str(tmp_path / "a"), **{**TINY_OPTIONS, "feature_cache": False})
     visiontune.fit(data, out=str(tmp_path / "b"), **{**TINY_OPTIONS, "freeze_epochs": 0})
     assert calls == []
+
+
+def test_bf16_feature_pass_trains_nearly_the_same_head(tmp_path):
+    """bf16 (the default on CPUs with native bf16) rounds features to ~3 significant digits."""
+    data = write_class_folders(tmp_path / "data", {"blue": 14, "green": 14, "red": 14})
+    options = dict(epochs=3, freeze_epochs=3, augment="none", lr=1e-2, batch_size=5)
+    exact = _train(data, tmp_path / "fp32", feature_precision="fp32", **options)
+    rounded = _train(data, tmp_path / "bf16", feature_precision="bf16", **options)
+    difference = max((rounded.heads[-1][k] - exact.heads[-1][k]).abs().max().item() for k in exact.heads[-1])
+    assert 0 < difference < 2e-2  # not bit-equal (bf16 did run), and close
+    assert [r["val_accuracy"] for r in rounded.records] == [r["val_accuracy"] for r in exact.records]
