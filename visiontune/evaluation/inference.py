@@ -95,7 +95,7 @@ def plan_inference(
     if device.type == "cuda":
         return InferencePlan("cuda", batch_size or CUDA_BATCH, True, precision or "bf16", backend, quantize,
                              torch.get_num_threads(), default_workers() if workers is None else workers)
-    cpu = plan_cpu(threads, workers)
+    cpu = plan_cpu(threads, workers, overlap_decode=True)
     return InferencePlan("cpu", batch_size or CPU_BATCH, backend == "torch", precision or "fp32", backend,
                          quantize, cpu.threads, cpu.workers)
 
