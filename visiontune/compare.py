@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from visiontune.config import TrainConfig, build_config
+from visiontune.config import TrainConfig, build_config, config_for
 from visiontune.data.sources import discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.devices import plan_cpu, resolve_device
@@ -77,13 +77,7 @@ def compare(
     the same `out` reuses finished runs and resumes interrupted ones.
     """
     names = _model_names(models)
-    values = {**(config.model_dump(exclude_unset=True) if config else {}), **options}
-    if data is not None:
-        values["data"] = str(data)
-    values.pop("out", None)
-    base = build_config(values)
-    if not base.data:
-        raise UserError("no data given: pass an image folder or CSV file")
+    base = config_for(data, config, {**options, "out": None})
     if base.weights is not None and len(names) > 1:
         raise UserError("--weights is one architecture's file; compare several models with pretrained "
                         "weights from the cache, or with --no-pretrained")
@@ -96,7 +90,7 @@ def compare(
     runs = {}
     for name in names:
         run_dir = out_dir / "runs" / name.replace("/", "_")
-        wanted = build_config({**values, "data": str(splits), "model": name, "out": str(run_dir)})
+        wanted = build_config({**base.model_dump(exclude_unset=True), "data": str(splits), "model": name, "out": str(run_dir)})
         console.print(f"[bold]{name}[/bold] -> {run_dir}")
         runs[name] = _train_or_reuse(wanted, run_dir, progress, console)
     metrics = {name: _test_metrics(run, base) for name, run in runs.items()}

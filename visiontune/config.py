@@ -156,6 +156,17 @@ class TrainConfig(BaseModel):
         return build_config({**values, **overrides}, source=str(path))
 
 
+def config_for(data: Any, config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
+    """The Python API's convention: a data source, an optional base config, option overrides."""
+    values = {**(config.model_dump(exclude_unset=True) if config else {}), **options}
+    if data is not None:
+        values["data"] = str(data)
+    cfg = build_config(values)
+    if not cfg.data:
+        raise UserError("no data given: pass an image folder or CSV file")
+    return cfg
+
+
 def build_config(values: dict[str, Any], source: str = "options") -> TrainConfig:
     """Validate `values` into a TrainConfig, turning mistakes into one readable UserError."""
     unknown = [key for key in values if key not in TrainConfig.model_fields]

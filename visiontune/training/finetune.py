@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, WeightedRandomSampler
 
 from visiontune._version import __version__
-from visiontune.config import TrainConfig, build_config
+from visiontune.config import TrainConfig, config_for
 from visiontune.data.cache import DecodedImageCache
 from visiontune.data.dataset import ImageDataset, collate_skipping_none
 from visiontune.data.sources import Sample, SampleSet, discover
@@ -74,12 +74,7 @@ def fit(
     """
     if resume is not None:
         return FineTune.resumed(Path(resume), callbacks, progress).run()
-    values = {**(config.model_dump(exclude_unset=True) if config else {}), **options}
-    if data is not None:
-        values["data"] = str(data)
-    cfg = build_config(values)
-    if not cfg.data:
-        raise UserError("no data given: pass an image folder or CSV file")
+    cfg = config_for(data, config, options)
     tuner = FineTune(cfg, callbacks, progress)
     if cfg.lr == "auto":  # replaced by the number found, so config.yaml (and any resume) has it
         from visiontune.training.lr_find import resolve_auto_lr

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
-from visiontune.config import TrainConfig, build_config
+from visiontune.config import TrainConfig, config_for
 from visiontune.errors import UserError
 from visiontune.training.checkpoint import atomic_write, write_text_atomic
 from visiontune.training.feature_cache import FeatureSet, PooledHead
@@ -81,12 +81,7 @@ def lr_find(
     Batches cycle when the training split has fewer than `steps` of them. With `out`, writes
     lr_find.png and lr_find.json there. The model used is thrown away: nothing else changes.
     """
-    values = {**(config.model_dump(exclude_unset=True) if config else {}), **options}
-    if data is not None:
-        values["data"] = str(data)
-    cfg = build_config(values)
-    if not cfg.data:
-        raise UserError("no data given: pass an image folder or CSV file")
+    cfg = config_for(data, config, options)
     if not 0 < start_lr < end_lr:
         raise UserError(f"the lr range must satisfy 0 < start_lr < end_lr (got {start_lr} and {end_lr})")
     if steps < MIN_POINTS * 2:
