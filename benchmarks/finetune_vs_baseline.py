@@ -33,7 +33,7 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import visiontune
