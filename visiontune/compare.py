@@ -14,15 +14,16 @@ import json
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
+from visiontune.bench.timing import time_call
 from visiontune.config import TrainConfig, build_config, config_for
 from visiontune.data.sources import discover
 from visiontune.data.splits import write_splits_csv
@@ -167,13 +168,10 @@ def _time_inference(runs: dict[str, Run], cfg: TrainConfig, batch: int, repeats:
         for name in runs:  # warm-up: first-call allocations and kernel selection
             for _ in range(2):
                 models[name](inputs[name])
-        for _ in range(repeats):
+        for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every model alike
             for name in runs:
-                _sync(device)
-                t0 = time.perf_counter()
-                models[name](inputs[name])
-                _sync(device)
-                seconds[name].append(time.perf_counter() - t0)
+                forward = partial(models[name], inputs[name])
+                seconds[name].append(time_call(forward, warmup=0, repeats=1, device=device).median)
     speed = {name: 1000 * statistics.median(times) / batch for name, times in seconds.items()}
     machine = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -184,11 +182,6 @@ def _time_inference(runs: dict[str, Run], cfg: TrainConfig, batch: int, repeats:
         "torch": torch.__version__,
     }
     return speed, machine
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _row(name: str, run: Run, metrics: dict, ms: float, batch: int) -> dict:
