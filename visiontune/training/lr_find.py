@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,12 +26,12 @@ from lightning.fabric import Fabric
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler
 
 from visiontune.config import TrainConfig, config_for
 from visiontune.errors import UserError
 from visiontune.training.checkpoint import atomic_write, write_text_atomic
-from visiontune.training.feature_cache import FeatureSet, PooledHead
+from visiontune.training.feature_cache import PooledHead
 from visiontune.training.finetune import FineTune
 from visiontune.training.losses import ClassificationLoss
 
@@ -120,9 +120,9 @@ def _range_test(cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, pr
         train_set, _ = tuner.extract_cached(val=False)  # as training's frozen stage: features computed once
         forward = PooledHead(tuner.model).train()
         index_batches = BatchSampler(tuner.sampler, batch_size, tuner.drop_last)
-        batches = _cycle_cached(train_set, index_batches, tuner.cached_views, device)
+        batches = _cycle(lambda n: train_set.batches(iter(index_batches), n % tuner.cached_views, device))
     else:
-        forward, batches = tuner.module, _cycle(tuner.train_loader)
+        forward, batches = tuner.module, _cycle(lambda n: tuner.train_loader)
     lrs, raw, smoothed = _sweep(tuner.fabric, forward, batches, tuner.loss_fn, tuner.optimizer, start_lr, end_lr,
                                 steps, progress)
     result = _suggest(lrs, raw, smoothed, stage, cfg.model)
@@ -166,25 +166,14 @@ def _sweep(
     return lrs, raw, smoothed
 
 
-def _cycle(loader: DataLoader) -> Iterator:
-    """Batches without end, re-iterating the loader (a fresh shuffle each pass)."""
-    while True:
+def _cycle(passes: Callable[[int], Iterable]) -> Iterator:
+    """Batches without end: pass n iterates `passes(n)` (a fresh shuffle, or cached view n mod views)."""
+    for n in itertools.count():
         yielded = False
-        for batch in loader:
+        for batch in passes(n):
             if batch is not None:
                 yielded = True
                 yield batch
-        if not yielded:
-            raise UserError("no training image could be decoded")
-
-
-def _cycle_cached(cached: FeatureSet, index_batches: BatchSampler, views: int, device: torch.device) -> Iterator:
-    """Cached-feature batches without end; pass k uses view k mod views, as epoch k of training does."""
-    for n in itertools.count():
-        yielded = False
-        for batch in cached.batches(iter(index_batches), n % views, device):
-            yielded = True
-            yield batch
         if not yielded:
             raise UserError("no training image could be decoded")
 
