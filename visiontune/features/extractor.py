@@ -84,14 +84,21 @@ class FeatureExtractor(nn.Module):
         """A copy with each BatchNorm that follows a convolution folded into it (~20% less CPU time
         per image), or self when folding changes the output on a probe batch (a BatchNorm that
         does not directly consume the preceding convolution's output). Saving uses the original."""
-        folded = copy.deepcopy(self)
-        fold_batch_norms(folded.model)
+        folded = folded_copy(self)
+        if folded is None:
+            return self
         probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         probe = probe.to(next(self.parameters()).device)
         with torch.inference_mode():
             same = all(torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b)
                        for a, b in zip(folded(probe), self(probe)))
         return folded if same else self
+
+
+def folded_copy(model: nn.Module) -> nn.Module | None:
+    """A deep copy with its BatchNorms folded (`fold_batch_norms`), or None when none folds."""
+    folded = copy.deepcopy(model)
+    return folded if fold_batch_norms(folded) else None
 
 
 def fold_batch_norms(model: nn.Module) -> int:

@@ -9,7 +9,6 @@ steps as the slow path: the head comes out the same (tests/unit/training/test_fe
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from lightning.fabric import Fabric
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune.features.extractor import fold_batch_norms
+from visiontune.features.extractor import folded_copy
 
 log = logging.getLogger(__name__)
 MAX_CACHE_BYTES = 4 * 2**30  # beyond this the frozen stage runs the backbone instead
@@ -86,12 +85,6 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(images), pre_logits=True)
 
 
-def _folded_copy(model: nn.Module) -> nn.Module | None:
-    """The model with BatchNorms folded into their convolutions (1.4x faster on CPU here), or None."""
-    folded = copy.deepcopy(model)
-    return folded if fold_batch_norms(folded) else None
-
-
 @torch.inference_mode()
 def extract_features(
     fabric: Fabric, model: nn.Module, dataset: Dataset, views: int, normalize: nn.Module, seed: int,
@@ -104,7 +97,7 @@ def extract_features(
     """
     was_training = model.training
     model.eval()
-    fast = _folded_copy(model)
+    fast = folded_copy(model)  # 1.4x faster on CPU here; checked on the first batch below
     n = len(dataset)
     features = torch.zeros(views, n, feature_dim(model))
     present = torch.zeros(views, n, dtype=torch.bool)
