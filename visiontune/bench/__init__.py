@@ -146,13 +146,17 @@ def _inference_row(subject: Subject, runner, plan: InferencePlan, batch_size: in
     # End to end: 8 batches (128 images at least) of real decoding; the first batch (start-up) is
     # not counted, and enough follow it that the batches prefetched meanwhile barely flatter the rate.
     paths = [images[i % len(images)] for i in range(max(8 * batch_size, 128))]
-    counted, start = 0, None
+    counted, start, skipped = 0, None, []
     for batch in iter_logits(runner, subject.preprocessing.eval_transform(), paths, max_pixels=subject.max_pixels,
                              plan=plan):
+        skipped += batch.skipped
         if start is None:
             start = time.perf_counter()
         else:
             counted += len(batch.paths)
+    if not counted:  # nothing decoded: a rate would time only the failures
+        path, reason = skipped[0] if skipped else (images[0], "no image decoded")
+        raise UserError(f"cannot time end to end: the --data images do not decode ({path}: {reason})")
     e2e_time = (time.perf_counter() - start) / max(1, counted)
     return _row(plan, "infer", batch_size, model_time, e2e_time, device)
 

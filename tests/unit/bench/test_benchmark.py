@@ -68,3 +68,14 @@ def test_user_errors_exit_2_with_one_line(monkeypatch, capsys, args, message):
     assert run_cli(monkeypatch, *args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_data_that_does_not_decode_is_a_user_error_not_a_rate(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "bad"
+    data.mkdir()
+    (data / "corrupt.jpg").write_bytes(b"not a jpeg")
+    code = run_cli(monkeypatch, "benchmark", TINY, "--data", str(data), "--batch-sizes", "1", "--repeats", "1",
+                   "--threads", "1", "--workers", "0")
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "do not decode" in message and "corrupt.jpg" in message and "Traceback" not in message
