@@ -21,6 +21,10 @@ def load_image(path: str | os.PathLike, max_pixels: int, cache: DecodedImageCach
     return cache.load(path, max_pixels) if cache is not None else load_rgb(path, max_pixels)
 
 
+class TransformError(RuntimeError):
+    """A transform raised on a readable image (a bug or an unsupported option, not a bad file)."""
+
+
 class ImageDataset(Dataset):
     """Returns (image tensor, class index), or None for a file that stopped decoding since the scan.
 
@@ -52,7 +56,10 @@ class ImageDataset(Dataset):
         except ImageLoadError as exc:
             log.warning("skipping %s: %s", sample.path, exc)
             return None
-        return self.transform(image), self.targets[index]
+        try:
+            return self.transform(image), self.targets[index]
+        except Exception as exc:  # name the file: a worker's traceback alone does not
+            raise TransformError(f"the transform failed on {sample.path}: {type(exc).__name__}: {exc}") from exc
 
 
 def collate_skipping_none(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:

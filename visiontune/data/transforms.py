@@ -52,6 +52,13 @@ class Preprocessing:
         return InterpolationMode(self.interpolation if self.interpolation != "random" else "bilinear")
 
     @property
+    def _tensor_affine_mode(self) -> InterpolationMode:
+        """torchvision's affine kernels on tensors (TrivialAugment's rotate, shear, translate) take
+        only nearest or bilinear; bicubic backbones (resnet, efficientnet) use bilinear there."""
+        mode = self._mode
+        return mode if mode in (InterpolationMode.NEAREST, InterpolationMode.BILINEAR) else InterpolationMode.BILINEAR
+
+    @property
     def resize_size(self) -> int:
         """The evaluation resize of the shorter side (size / crop_pct), also what the decoded cache stores."""
         return round(self.input_size / self.crop_pct)
@@ -90,7 +97,7 @@ class Preprocessing:
         if preset == "medium":
             steps += [v2.RandomRotation(15), v2.ColorJitter(0.2, 0.2, 0.2)]
         if preset == "heavy":
-            steps += [v2.RandomVerticalFlip(), v2.TrivialAugmentWide(interpolation=mode)]
+            steps += [v2.RandomVerticalFlip(), v2.TrivialAugmentWide(interpolation=self._tensor_affine_mode)]
         if normalize:
             steps += self._to_normalized()
         if preset == "heavy":

@@ -42,6 +42,7 @@ from visiontune.models.param_groups import apply_freezing, build_param_groups, f
 from visiontune.run import Run
 from visiontune.training.callbacks import EarlyStopping
 from visiontune.training.checkpoint import load_state, save_model, save_state, write_text_atomic
+from visiontune.training.failures import stopped_run_error
 from visiontune.training.feature_cache import FeatureSet, PooledHead, extract_features, fits_in_memory
 from visiontune.training.history import plot_history, write_metrics_csv
 from visiontune.training.loop import EpochResult, evaluate, train_one_epoch
@@ -118,10 +119,15 @@ class FineTune:
         self.setup()
         try:
             history, timings = self._train(self.scanned, self.scan_s)
+            return self._finish(history, timings, self.scanned, started)
         except KeyboardInterrupt:
             self.console.print(f"interrupted; continue with: visiontune train --resume {self.dir}")
             raise
-        return self._finish(history, timings, self.scanned, started)
+        except Exception as exc:  # a worker, a transform, a full disk: one line and the way on
+            error = stopped_run_error(exc, self.dir, STATE_FILE)
+            if error is exc:
+                raise
+            raise error from exc
 
     def setup(self, write_files: bool = True) -> None:
         """Everything before the first epoch: data, model, loaders, optimizer (lr-find reuses it)."""

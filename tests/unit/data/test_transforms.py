@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from torchvision.transforms import v2
 
@@ -62,3 +63,36 @@ def test_uint8_erasing_writes_the_mean_colour_like_float_erasing_writes_zero() -
     erased = expected == 0
     assert 0 < erased.sum() < erased.numel()
     assert (got - expected).abs().max() <= HALF_STEP
+
+
+# The interpolation of each real backbone family (timm's pretrained configs; most are bicubic),
+# read without building the models. The tiny test model is bilinear, which hid issue 12.1.
+FAMILIES = ("resnet18", "resnet50", "tf_efficientnet_lite0", "convnext_tiny", "vit_tiny_patch16_224",
+            "mobilenetv3_large_100", "test_resnet")
+INTERPOLATIONS = sorted({timm.models.get_pretrained_cfg(name).interpolation for name in FAMILIES} | {"nearest", "random"})
+
+
+def _every_trivial_augment_op(transform: v2.Compose):
+    """The transform once per TrivialAugment op, so no op is left to chance (heavy only)."""
+    trivial = next((t for t in transform.transforms if isinstance(t, v2.TrivialAugmentWide)), None)
+    if trivial is None:
+        yield transform
+        return
+    space = dict(trivial._AUGMENTATION_SPACE)
+    assert len(space) > 10
+    for op, entry in space.items():
+        trivial._AUGMENTATION_SPACE = {op: entry}
+        yield transform
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("preset", AUGMENT_PRESETS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_every_preset_runs_with_every_backbone_interpolation(preset: str, interpolation: str, normalize: bool) -> None:
+    pre = Preprocessing(32, PRE.mean, PRE.std, interpolation, 0.875)
+    image = colour_image(COLOURS["green"], seed=2)
+    torch.manual_seed(0)
+    for transform in _every_trivial_augment_op(pre.train_transform(preset, normalize)):
+        for source in (image, v2.functional.pil_to_tensor(image)):
+            out = transform(source)
+            assert tuple(out.shape) == (3, 32, 32)
