@@ -29,6 +29,7 @@ from visiontune.data.sources import discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
+from visiontune.locking import locked_dir
 from visiontune.models.backbones import check_weights_available
 from visiontune.run import Run
 from visiontune.training.checkpoint import atomic_write, load_state, write_text_atomic
@@ -86,21 +87,21 @@ def compare(
         check_weights_available(name, base.pretrained, base.weights)
     out_dir = Path(out).expanduser() if out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare"
     console = Console(quiet=not progress, highlight=False, soft_wrap=True)
-    splits = _shared_split(base, out_dir, console)
-
-    runs = {}
-    for name in names:
-        run_dir = out_dir / "runs" / name.replace("/", "_")
-        wanted = build_config({**base.model_dump(exclude_unset=True), "data": str(splits), "model": name, "out": str(run_dir)})
-        console.print(f"[bold]{name}[/bold] -> {run_dir}")
-        runs[name] = _train_or_reuse(wanted, run_dir, progress, console)
-    metrics = {name: _test_metrics(run, base) for name, run in runs.items()}
-    speed, machine = _time_inference(runs, base, timing_batch, timing_repeats)
-    rows = [_row(name, runs[name], metrics[name], speed[name], timing_batch) for name in names]
-    result = ComparisonResult(rows, out_dir, machine)
-    _write_csv(rows, result.csv)
-    write_text_atomic(result.markdown, _markdown(rows, machine))
-    _plot(rows, result.plot)
+    with locked_dir(out_dir):  # one comparison per OUT at a time
+        splits = _shared_split(base, out_dir, console)
+        runs = {}
+        for name in names:
+            run_dir = out_dir / "runs" / name.replace("/", "_")
+            wanted = build_config({**base.model_dump(exclude_unset=True), "data": str(splits), "model": name, "out": str(run_dir)})
+            console.print(f"[bold]{name}[/bold] -> {run_dir}")
+            runs[name] = _train_or_reuse(wanted, run_dir, progress, console)
+        metrics = {name: _test_metrics(run, base) for name, run in runs.items()}
+        speed, machine = _time_inference(runs, base, timing_batch, timing_repeats)
+        rows = [_row(name, runs[name], metrics[name], speed[name], timing_batch) for name in names]
+        result = ComparisonResult(rows, out_dir, machine)
+        _write_csv(rows, result.csv)
+        write_text_atomic(result.markdown, _markdown(rows, machine))
+        _plot(rows, result.plot)
     return result
 
 

@@ -54,6 +54,7 @@ def test_pickled_payload_in_weights_is_refused(binary_folder, tmp_path):
     assert result.returncode == 2
     assert "refusing to load" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
+    assert not (tmp_path / "run").exists()  # a refused run leaves no empty folder behind
 
 
 @pytest.mark.parametrize(
@@ -121,3 +122,29 @@ def test_demo_trains_on_generated_surfaces(tmp_path, monkeypatch):
     counts = {d.name: len(list(d.iterdir())) for d in (tmp_path / "demo" / "data").iterdir()}
     assert counts == {"clean": visiontune.demo.DEMO_PER_CLASS, "scratched": visiontune.demo.DEMO_PER_CLASS}
     assert "test" in result.output and "accuracy" in result.output
+
+
+@pytest.mark.slow
+def test_heavy_augmentation_trains_a_bicubic_backbone(binary_folder, tmp_path):
+    flags = [f for f in TINY_FLAGS if f != "test_resnet"]
+    flags[flags.index("--model") + 1:flags.index("--model") + 1] = ["resnet10t"]  # bicubic, like resnet18/50
+    result = cli("train", binary_folder, *flags, "--freeze-epochs", "0", "--augment", "heavy", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_second_train_on_the_same_out_stops_with_one_line(binary_folder, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom visiontune.locking import locked_dir\n"
+         "with locked_dir(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(300)", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = cli("train", binary_folder, *TINY_FLAGS, "--out", tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"in use by another visiontune process (pid {holder.pid}" in result.stderr
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".visiontune.lock"]

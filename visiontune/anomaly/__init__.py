@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError
 from visiontune.features.extractor import create_extractor
+from visiontune.locking import locked_dir
 from visiontune.models.backbones import check_weights_available
 from visiontune.training.checkpoint import write_text_atomic
 
@@ -57,22 +59,25 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
         raise UserError(f"unknown method {method!r}; use patchcore or padim")
     _check_options(coreset_ratio, holdout_fraction, false_alarm_rate, image_size, batch_size)
     check_weights_available(backbone, pretrained, weights)
-    if out is not None and (Path(out) / "model.json").exists():
-        raise UserError(f"{out} already holds a model; pass another --out or remove it")
-    layers = resolve_layers(backbone, list(layers) if layers else None, method)
-    files = good_images(good)
-    defect_files = input_paths([defects]) if defects is not None else []
-    train, holdout = split_holdout(files, holdout_fraction, seed)
-    extractor = create_extractor(backbone, layers, pretrained, weights, seed)
-    if method == "patchcore":
-        detector = PatchCore(coreset_ratio=coreset_ratio, chunk_patches=chunk_patches, seed=seed)
-    else:
-        detector = Padim(n_features=n_features, seed=seed)
-    model = AnomalyModel(extractor, detector, Preprocessing.from_model(extractor.model, image_size),
-                         batch_size=batch_size, workers=_workers(workers), max_pixels=max_pixels, device=device)
-    model.fit(train, holdout, defect_files, false_alarm_rate)
-    if out is not None:
-        model.save(out)
+    with ExitStack() as stack:
+        if out is not None:
+            stack.enter_context(locked_dir(out))  # one writer per directory, for the whole fit
+            if (Path(out) / "model.json").exists():
+                raise UserError(f"{out} already holds a model; pass another --out or remove it")
+        layers = resolve_layers(backbone, list(layers) if layers else None, method)
+        files = good_images(good)
+        defect_files = input_paths([defects]) if defects is not None else []
+        train, holdout = split_holdout(files, holdout_fraction, seed)
+        extractor = create_extractor(backbone, layers, pretrained, weights, seed)
+        if method == "patchcore":
+            detector = PatchCore(coreset_ratio=coreset_ratio, chunk_patches=chunk_patches, seed=seed)
+        else:
+            detector = Padim(n_features=n_features, seed=seed)
+        model = AnomalyModel(extractor, detector, Preprocessing.from_model(extractor.model, image_size),
+                             batch_size=batch_size, workers=_workers(workers), max_pixels=max_pixels, device=device)
+        model.fit(train, holdout, defect_files, false_alarm_rate)
+        if out is not None:
+            model.save(out)
     return model
 
 

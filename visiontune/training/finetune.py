@@ -37,6 +37,7 @@ from visiontune.data.validate import ScanResult, check_samples, scan
 from visiontune.devices import native_bf16_cpu, plan_cpu, resolve_device
 from visiontune.errors import UserError
 from visiontune.evaluation.inference import CPU_BATCH, CUDA_BATCH
+from visiontune.locking import is_only_lock, locked_dir
 from visiontune.models.backbones import check_weights_available, create_classifier
 from visiontune.models.param_groups import apply_freezing, build_param_groups, fixed_parameter_names
 from visiontune.run import Run
@@ -74,14 +75,16 @@ def fit(
     `resume=RUN_DIR` continues an interrupted run from its last completed epoch.
     """
     if resume is not None:
-        return FineTune.resumed(Path(resume), callbacks, progress).run()
+        with locked_dir(resume, create=False):  # one process per run directory (locking.py)
+            return FineTune.resumed(Path(resume), callbacks, progress).run()
     cfg = config_for(data, config, options)
-    tuner = FineTune(cfg, callbacks, progress)
-    if cfg.lr == "auto":  # replaced by the number found, so config.yaml (and any resume) has it
-        from visiontune.training.lr_find import resolve_auto_lr
+    with locked_dir(_run_dir_for(cfg)):
+        tuner = FineTune(cfg, callbacks, progress)
+        if cfg.lr == "auto":  # replaced by the number found, so config.yaml (and any resume) has it
+            from visiontune.training.lr_find import resolve_auto_lr
 
-        resolve_auto_lr(cfg, tuner.dir, tuner.console)
-    return tuner.run()
+            resolve_auto_lr(cfg, tuner.dir, tuner.console)
+        return tuner.run()
 
 
 class FineTune:
@@ -445,14 +448,18 @@ def _make_fabric(device: str) -> Fabric:
     return Fabric(accelerator="cpu", devices=1, precision="32-true")
 
 
-def _new_run_dir(cfg: TrainConfig) -> Path:
-    if cfg.out:
-        run_dir = Path(cfg.out).expanduser()
-    else:
+def _run_dir_for(cfg: TrainConfig) -> Path:
+    """`cfg.out`, or a new timestamped folder (then written to `cfg.out`)."""
+    if not cfg.out:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{stamp}-{cfg.model.replace('/', '_')}"
+        cfg.out = str(Path("runs") / f"{stamp}-{cfg.model.replace('/', '_')}")
+    return Path(cfg.out).expanduser()
+
+
+def _new_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = _run_dir_for(cfg)
     unstarted_run = (run_dir / "config.yaml").is_file() and not (run_dir / STATE_FILE).exists()
-    if run_dir.exists() and any(run_dir.iterdir()) and not unstarted_run:
+    if run_dir.exists() and not is_only_lock(run_dir) and not unstarted_run:
         raise UserError(
             f"run directory {run_dir} already exists and is not empty; use --resume {run_dir} to "
             "continue it, or choose another --out"

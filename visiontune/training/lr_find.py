@@ -32,6 +32,7 @@ from visiontune.config import TrainConfig, config_for
 from visiontune.errors import UserError
 from visiontune.training.checkpoint import atomic_write, write_text_atomic
 from visiontune.training.feature_cache import PooledHead
+from visiontune.locking import locked_dir
 from visiontune.training.finetune import FineTune
 from visiontune.training.losses import ClassificationLoss
 
@@ -88,7 +89,8 @@ def lr_find(
         raise UserError(f"the lr range test needs at least {MIN_POINTS * 2} steps, not {steps}")
     result = _range_test(cfg, start_lr, end_lr, steps, progress)
     if out is not None:
-        result.save(Path(out))
+        with locked_dir(out):  # re-entrant: `train --lr auto` already holds its run directory
+            result.save(Path(out))
     return result
 
 

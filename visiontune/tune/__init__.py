@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from visiontune.config import TrainConfig, build_config
 from visiontune.data.sources import Sample, discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.errors import UserError
+from visiontune.locking import locked_dir
 from visiontune.run import Run
 from visiontune.training.checkpoint import atomic_write, write_text_atomic
 from visiontune.training.finetune import STATE_FILE, fit
@@ -95,7 +97,17 @@ def tune(
     base = build_config({**fixed, "data": str(data)})
     params = load_space(space, fixed)
     out_dir = Path(out).expanduser() if out else Path("tunes") / f"{datetime.now():%Y%m%d-%H%M%S}-{base.model.replace('/', '_')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        if storage is None:  # the default sqlite study lives in OUT: one process there at a time
+            stack.enter_context(locked_dir(out_dir))
+        else:  # a shared study: workers on one machine may share OUT
+            out_dir.mkdir(parents=True, exist_ok=True)
+        return _search(base, fixed, params, out_dir, trials, storage, study, timeout, final, prune, progress)
+
+
+def _search(base: TrainConfig, fixed: dict, params: list[Param], out_dir: Path, trials: int, storage: str | None,
+            study: str | None, timeout: float | None, final: bool, prune: bool, progress: bool) -> TuneResult:
+    """The search, the retraining of the best and the outputs, in `out_dir`."""
     console = _console(progress)
     splits_csv, trials_csv, fingerprint = _split_once(base, out_dir)
 
