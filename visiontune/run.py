@@ -32,14 +32,18 @@ class Run:
 
     @cached_property
     def metadata(self) -> dict:
-        return json.loads((self.dir / "model.json").read_text())
+        metadata = read_json(self.dir / "model.json")
+        missing = [key for key in ("model", "labels", "preprocessing") if key not in metadata]
+        if missing:
+            raise UserError(f"{self.dir / 'model.json'} is damaged: no {', '.join(missing)}")
+        return metadata
 
     @property
     def summary(self) -> dict:
         path = self.dir / "summary.json"
         if not path.is_file():
             raise UserError(f"{self.dir} has no summary.json yet (the run has not finished)")
-        return json.loads(path.read_text())
+        return read_json(path)
 
     @property
     def config(self) -> TrainConfig:
@@ -57,13 +61,18 @@ class Run:
     def threshold(self) -> dict | None:
         """The binary decision threshold chosen on validation by `evaluate --target-recall`."""
         path = self.dir / "threshold.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json(path) if path.is_file() else None
 
     @property
     def temperature(self) -> float:
         """Softmax temperature fitted on validation by `evaluate --temperature` (1 if none)."""
         path = self.dir / "calibration.json"
-        return float(json.loads(path.read_text())["temperature"]) if path.is_file() else 1.0
+        if not path.is_file():
+            return 1.0
+        try:
+            return float(read_json(path)["temperature"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} is damaged: no numeric 'temperature'") from None
 
     def checkpoint_path(self, which: str = "best") -> Path:
         if which not in CHECKPOINTS:
@@ -75,8 +84,20 @@ class Run:
 
     def load_model(self, which: str = "best") -> nn.Module:
         """The trained network in eval mode, on the CPU."""
-        model = timm.create_model(self.metadata["model"], pretrained=False, num_classes=len(self.labels))
-        safetensors.torch.load_model(model, str(self.checkpoint_path(which)))
+        path = self.checkpoint_path(which)
+        try:
+            model = timm.create_model(self.metadata["model"], pretrained=False, num_classes=len(self.labels))
+        except Exception as exc:  # an edited model name or label list
+            raise UserError(f"{self.dir / 'model.json'} does not describe a model: {_first_line(exc)}") from None
+        try:
+            safetensors.torch.load_model(model, str(path))
+        except RuntimeError as exc:  # torch's size / key mismatch report
+            raise UserError(
+                f"{path} does not fit {self.dir / 'model.json'} ({self.metadata['model']}, {len(self.labels)} "
+                f"labels): was either file edited or copied from another run? ({_first_line(exc)})"
+            ) from None
+        except Exception as exc:  # safetensors' own errors for a truncated or foreign file
+            raise UserError(f"{path} is damaged or truncated: {_first_line(exc)}") from None
         return model.eval()
 
     # -- the API behind `evaluate`, `predict`, `explain` and `report` ------------------------------
@@ -122,3 +143,21 @@ class Run:
 def _as_list(paths) -> list:
     """One path or many, as a list."""
     return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run file, or one UserError naming the file and what is wrong."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is damaged (truncated or edited?): invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} cannot be read: {exc}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged: expected a JSON object")
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

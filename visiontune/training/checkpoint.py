@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,4 +105,20 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The resume state; a damaged or foreign file is one UserError, never unpickled."""
+    try:
+        with warnings.catch_warnings():  # torch's pickle-protocol notes on a foreign file: noise here
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path} was refused: it is damaged or holds pickled objects other than tensors and plain "
+            "values, which could run code, so it is not a file visiontune wrote. Restore it, or start the "
+            "run again with another --out"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is damaged or truncated ({first}); restore it, or start the run again") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is damaged: not a visiontune resume state")
+    return state

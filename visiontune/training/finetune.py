@@ -260,9 +260,13 @@ class FineTune:
         self.module, self.optimizer = fabric.setup(torch.compile(network) if cfg.compile else network, optimizer)
         self.stopper = EarlyStopping(cfg.monitor, cfg.patience)
         if self.state is not None:
-            self.model.load_state_dict(self.state["model"])
-            self.optimizer.load_state_dict(self.state["optimizer"])
-            self.stopper.load_state_dict(self.state["early_stopping"])
+            try:
+                self.model.load_state_dict(self.state["model"])
+                self.optimizer.load_state_dict(self.state["optimizer"])
+                self.stopper.load_state_dict(self.state["early_stopping"])
+            except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+                raise UserError(f"{self.dir / STATE_FILE} does not fit this run (edited, or copied from "
+                                f"another?): {str(exc).strip()[:200]}") from None
 
     def _cached_views(self, train_size: int) -> int:
         """Views of each training image the frozen stage trains on from cached features; 0 = no cache."""
