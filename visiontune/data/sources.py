@@ -16,6 +16,7 @@ from visiontune.data.splits import SPLITS, canonical_order, stratified_split
 from visiontune.errors import UserError
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
+MAX_LISTED = 20  # files named in one error message
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def _class_folders(folder: Path, split: str) -> SampleSet:
 def _from_csv(csv_path: Path) -> SampleSet:
     base = csv_path.parent
     found = SampleSet([], "csv", str(csv_path))
+    rows: dict[str, list[tuple[int, Sample]]] = {}
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip().lower() for c in reader.fieldnames or []]
@@ -123,8 +125,32 @@ def _from_csv(csv_path: Path) -> SampleSet:
             split = _normalise_split(row.get("split", ""), f"{csv_path}, line {line_no}")
             path = Path(row["path"]).expanduser()
             path = path if path.is_absolute() else base / path
-            found.samples.append(Sample(str(path.resolve()), row["label"], split))
+            rows.setdefault(str(path.resolve()), []).append((line_no, Sample(str(path.resolve()), row["label"], split)))
+    found.samples, dropped = _one_row_per_file(rows, csv_path)
+    if dropped:
+        found.notes.append(f"{csv_path}: {dropped} repeated row(s) of the same file, label and split were dropped")
     return found
+
+
+def _one_row_per_file(rows: dict[str, list[tuple[int, Sample]]], csv_path: Path) -> tuple[list[Sample], int]:
+    """Each file once. Repeated identical rows are dropped (else the split could put one copy in train
+    and one in val); a file under two labels or in two splits stops with the list of them."""
+    kept, dropped, conflicts = [], 0, []
+    for path, listed in rows.items():
+        samples = {sample for _, sample in listed}
+        if len(samples) > 1:
+            lines = ", ".join(f"line {n}: {s.label}{'/' + s.split if s.split else ''}" for n, s in listed)
+            conflicts.append(f"{path} ({lines})")
+            continue
+        kept.append(listed[0][1])
+        dropped += len(listed) - 1
+    if conflicts:
+        shown = "; ".join(conflicts[:MAX_LISTED]) + (f"; and {len(conflicts) - MAX_LISTED} more" if len(conflicts) > MAX_LISTED else "")
+        raise UserError(
+            f"{csv_path} lists {len(conflicts)} file(s) under different labels or splits, so the same image "
+            f"would be trained on and evaluated: {shown}. Keep one row per file"
+        )
+    return kept, dropped
 
 
 def _from_regex(root: Path, pattern: str) -> SampleSet:

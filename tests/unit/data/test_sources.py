@@ -192,6 +192,28 @@ def test_csv_mixed_given_and_missing_splits_is_refused(csv_images):
         discover(write_csv(csv_images / "s.csv", rows))
 
 
+def test_csv_repeated_rows_are_dropped_and_reported_so_no_file_lands_in_two_splits(csv_images):
+    files = sorted(csv_images.rglob("*.png"))
+    rows = [[str(p), p.parent.name] for p in files for _ in range(3)]  # every row three times
+    found = discover(write_csv(csv_images / "s.csv", rows, header=("path", "label")))
+    paths = [s.path for s in found.samples]
+    assert len(paths) == len(set(paths)) == len(files)
+    assert any("40 repeated row(s)" in note for note in found.notes)
+
+
+@pytest.mark.parametrize("second", [("red", ""), ("blue", "val")])
+def test_csv_file_under_two_labels_or_splits_stops_with_the_list(csv_images, second):
+    split = "train" if second[1] else ""
+    rows = [[f"{c}/{c}_00{i}.png", c, split or ["train", "val", "test"][i % 3]] for c in ("blue", "red") for i in range(6)]
+    if not second[1]:
+        rows = [r[:2] for r in rows]
+    rows.append(["./blue/blue_001.png", *(second if second[1] else second[:1])])  # same file, other spelling
+    header = ("path", "label", "split") if second[1] else ("path", "label")
+    with pytest.raises(UserError, match=r"lists 1 file\(s\) under different labels or splits") as caught:
+        discover(write_csv(csv_images / "s.csv", rows, header=header))
+    assert "blue_001.png (line 3: blue" in str(caught.value) and "line 14" in str(caught.value)
+
+
 def test_csv_empty_label_names_the_line(csv_images):
     rows = [["blue/blue_000.png", "blue"], ["blue/blue_001.png", ""]]
     with pytest.raises(UserError, match="line 3: empty path or label"):
