@@ -143,3 +143,29 @@ def test_missing_run_dir_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     assert run_cli(monkeypatch, "export", tmp_path / "missing") == 2
     err = capsys.readouterr().err.strip()
     assert "not a visiontune run directory" in err and len(err.splitlines()) == 1
+
+
+def _nothing_to_read(tmp_path, case: str) -> list[str]:
+    if case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        return [tmp_path / "empty"]
+    if case == "folder named x.jpg":
+        (tmp_path / "x.jpg").mkdir()
+        return [tmp_path / "x.jpg"]
+    if case == "missing file":
+        return [tmp_path / "missing.png"]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")  # only unreadable files
+    return [tmp_path / "broken.png"]
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+@pytest.mark.parametrize("case", ["empty folder", "folder named x.jpg", "missing file", "unreadable only"])
+def test_every_image_command_exits_2_when_it_read_nothing(tiny_run, tmp_path, monkeypatch, capsys, command, case):
+    run, _ = tiny_run
+    paths = _nothing_to_read(tmp_path, case)
+    extra = ["--out", tmp_path / ("p.csv" if command == "predict" else "overlays")]
+    assert run_cli(monkeypatch, command, run.dir, *paths, *extra, *(["--workers", "0"] if command == "predict" else [])) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    expected = {"missing file": "no such file or folder", "unreadable only": "none of the 1 image file(s) could be read"}
+    assert expected.get(case, "no image files found") in err

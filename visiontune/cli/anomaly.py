@@ -94,12 +94,15 @@ def predict(
 ) -> None:
     """Score images: anomaly score, decision at the saved threshold, optional heat-map overlays."""
     from visiontune import anomaly
+    from visiontune.evaluation.inference import require_some_read
 
     with _user_errors():
         rows = anomaly.predict(model_dir, paths, out=out, heatmaps=heatmaps, batch_size=batch_size,
                                workers=workers, device=device)
     skipped = [{"path": r["path"], "reason": r["reason"]} for r in rows if r["decision"] == "skipped"]
     _print_skipped(skipped)
+    with _user_errors():
+        require_some_read(len(rows) - len(skipped), len(skipped), "scored")
     flagged = sum(r["decision"] == "anomalous" for r in rows)
     stdout.print(f"{flagged} of {len(rows) - len(skipped)} images anomalous; scores in {out}")
 

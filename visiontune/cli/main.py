@@ -26,6 +26,7 @@ from visiontune.cli.features import register as register_features
 from visiontune.cli.tune import tune as tune_command
 from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError
+from visiontune.evaluation.inference import require_some_read
 
 app = typer.Typer(
     help="Turn a folder of images into a working vision model.",
@@ -204,6 +205,7 @@ def predict(
         err.print(f"[yellow]{len(result.skipped)} file(s) skipped[/yellow] (also in {out.with_name(out.stem + '.skipped.csv')}):")
         for row in result.skipped:
             err.print(f"  {row['path']}: {row['skipped']}", markup=False)
+    require_some_read(result.written, len(result.skipped), "predicted")
 
 
 @app.command()
@@ -218,6 +220,7 @@ def explain(
     import visiontune
 
     records = visiontune.load_run(run_dir).explain(images, method=method, target=target, out_dir=out)
+    skipped = sum("skipped" in record for record in records)
     for record in records:
         if "skipped" in record:
             err.print(f"skipped {record['path']}: {record['skipped']}", markup=False)
@@ -226,6 +229,7 @@ def explain(
                 f"{record['path']}: {record['label']} ({record['probability']:.2f}), explaining "
                 f"{record['target']} -> {record['overlay']}", markup=False,
             )
+    require_some_read(len(records) - skipped, skipped, "explained")
 
 
 @app.command()

@@ -175,6 +175,14 @@ def probabilities(logits: np.ndarray, loss: str, temperature: float = 1.0) -> np
     return ClassificationLoss(loss, num_classes=scaled.shape[1]).probabilities(scaled).numpy()
 
 
+def require_some_read(done: int, skipped: int, verb: str) -> None:
+    """The rule of every command that takes images (predict, explain, anomaly predict): a missing
+    path or no image file at all is an error up front (`expand_image_paths`); unreadable files are
+    listed, not fatal; but a command that could read none of them failed, and says so (exit 2)."""
+    if done == 0:
+        raise UserError(f"none of the {skipped} image file(s) could be read, so nothing was {verb}")
+
+
 def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[str]:
     """Files as given, folders searched recursively for image files (hidden ones skipped)."""
     found: list[str] = []

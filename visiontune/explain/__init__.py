@@ -7,15 +7,14 @@ model saw; unreadable files are reported in their record, never raised, like eve
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from visiontune.data.images import ImageLoadError, load_rgb
-from visiontune.data.sources import list_image_files
 from visiontune.errors import UserError
-from visiontune.evaluation.inference import probabilities
+from visiontune.evaluation.inference import expand_image_paths, probabilities
 from visiontune.explain.cam import default_layer, gradcam
 from visiontune.explain.lime import DEFAULT_SAMPLES, lime_map
 from visiontune.explain.overlay import model_view, overlay, save_png
@@ -53,7 +52,7 @@ def explain(
     transform, max_pixels = pre.eval_transform(), run.config.max_pixels
     out = Path(out_dir).expanduser() if out_dir is not None else run.dir / "explain"
 
-    records = [{"path": str(path)} for path in _expand(paths)]
+    records = [{"path": str(path)} for path in expand_image_paths(list(paths))]
     names: set[str] = set()
     for start in range(0, len(records), batch_size):
         loaded = []
@@ -91,15 +90,6 @@ def _class_index(name: str, labels: list[str]) -> int:
     close = difflib.get_close_matches(name, labels, n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UserError(f"unknown target class {name!r}.{hint} The run's classes: {', '.join(labels)}")
-
-
-def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files as given (a bad one is reported, not dropped); folders as their image files."""
-    for path in map(Path, paths):
-        if path.is_dir():
-            yield from list_image_files(path)
-        else:
-            yield path
 
 
 def _unique_name(stem: str, method: str, taken: set[str]) -> str:

@@ -81,6 +81,10 @@ def test_cli_fit_predict_evaluate(tmp_path: Path) -> None:
     result = runner.invoke(anomaly_app, ["evaluate", str(model_dir), "--data", str(root), *common])
     assert result.exit_code == 0, result.output
     assert (model_dir / "evaluation" / "report.html").is_file() and "image AUROC" in result.output
+    (tmp_path / "broken.png").write_bytes(b"not an image")  # nothing readable: exit 2, like predict and explain
+    result = runner.invoke(anomaly_app, ["predict", str(model_dir), str(tmp_path / "broken.png"), "--out",
+                                         str(tmp_path / "b.csv"), *common])
+    assert result.exit_code == 2 and "none of the 1 image file(s) could be read" in result.output
 
 
 @pytest.mark.parametrize(
