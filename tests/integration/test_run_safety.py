@@ -139,3 +139,43 @@ def test_run_that_fails_before_writing_leaves_no_folder(data, tmp_path):
     with pytest.raises(UserError, match="refusing to load"):  # any pickle it cannot vouch for
         visiontune.fit(data, out=str(tmp_path / "run"), **{**OPTIONS, "weights": str(weights)})
     assert not (tmp_path / "run").exists()
+
+
+def test_full_disk_at_epoch_2_is_one_line_and_resume_continues(data, tmp_path, monkeypatch):
+    """torch.save reports a full disk as "unexpected pos", with no errno: the free space tells."""
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second state.pt: epoch 2
+            with open(path, "wb") as handle:
+                handle.write(b"partial")
+            monkeypatch.setattr(checkpoint, "_free_bytes", lambda folder: 4096)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(UserError) as caught:
+        visiontune.fit(data, out=str(tmp_path / "run"), **{**OPTIONS, "epochs": 3})
+    message = str(caught.value)
+    assert f"cannot write {tmp_path / 'run' / 'checkpoints' / 'state.pt'}: no space left on the disk" in message
+    assert f"continue with: visiontune train --resume {tmp_path / 'run'}" in message and "\n" not in message
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "best.safetensors", "last.safetensors", "state.pt"]  # no temporary left, the old state intact
+    monkeypatch.undo()
+    assert checkpoint.load_state(tmp_path / "run" / "checkpoints" / "state.pt")["epoch"] == 1
+    assert visiontune.fit(resume=tmp_path / "run", progress=False).summary["epochs_run"] == 3
+
+
+def test_atomic_write_names_the_disk_for_safetensors_errno_words(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_text("old")
+
+    def write(tmp):
+        raise OSError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    with pytest.raises(checkpoint.DiskFullError, match=f"cannot write {target}: no space left on the disk holding {tmp_path}"):
+        checkpoint.atomic_write(target, write)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    with pytest.raises(ValueError):  # other failures stay what they are
+        checkpoint.atomic_write(target, lambda tmp: (_ for _ in ()).throw(ValueError("bug")))

@@ -28,11 +28,11 @@ def stopped_run_error(exc: BaseException, run_dir: Path, state_file: str) -> Use
     else:
         how = f"no epoch had completed; start it again with the same --out {run_dir}"
     if isinstance(exc, DiskFullError):
-        return RunStoppedError(f"{exc}. Free some space; {how}")
+        return RunStoppedError(f"{exc}. Free some space: {how}")
     if isinstance(exc, UserError):
         return exc
     logged = _write_log(exc, run_dir)
-    return RunStoppedError(f"training stopped: {summary(exc)}. {how.capitalize()}{logged}")
+    return RunStoppedError(f"training stopped: {summary(exc)}. {how[0].upper()}{how[1:]}{logged}")
 
 
 def summary(exc: BaseException) -> str:
