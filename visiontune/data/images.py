@@ -6,6 +6,7 @@ which files are usable and on how odd modes (16-bit, CMYK, palette, alpha) becom
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 from collections.abc import Iterator
@@ -22,6 +23,10 @@ IMAGE_EXTENSIONS = frozenset(
 # Transparent pixels are composited onto white: transparent backgrounds of product shots and
 # scans are meant as "nothing", and the RGB values stored under them are arbitrary.
 ALPHA_BACKGROUND = (255, 255, 255)
+
+# OSErrors about the file system rather than the image's content (Pillow's own have no errno).
+FILE_SYSTEM_ERRNOS = frozenset({errno.EIO, errno.ENXIO, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ESTALE,
+                                errno.ETIMEDOUT, errno.EPERM})
 
 # A truncated file must be reported, not padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -97,13 +102,21 @@ def _reasons() -> Iterator[None]:
     except ImageLoadError:
         raise
     except FileNotFoundError:
-        raise ImageLoadError("file not found") from None
-    except UnidentifiedImageError:
+        raise ImageLoadError("file not found (or a symbolic link to nothing)") from None
+    except PermissionError:
+        raise ImageLoadError("permission denied: the file cannot be read by this user") from None
+    except IsADirectoryError:
+        raise ImageLoadError("a folder, not an image file") from None
+    except UnidentifiedImageError:  # an OSError too: before the file-system cases
         raise ImageLoadError("not a readable image (unknown or corrupt format)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageLoadError("symbolic link loop") from None
+        if exc.errno in FILE_SYSTEM_ERRNOS:  # the disk or the path, not the image's bytes
+            raise ImageLoadError(f"cannot read the file: {exc.strerror}") from None
+        raise ImageLoadError(f"corrupt or truncated image: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"decompression bomb: {exc}") from None
-    except OSError as exc:
-        raise ImageLoadError(f"corrupt or truncated image: {exc}") from None
     except (ValueError, SyntaxError, IndexError, TypeError, MemoryError) as exc:
         # Pillow's plugins raise these on malformed headers and tags.
         raise ImageLoadError(f"corrupt image: {exc.__class__.__name__}: {exc}") from None

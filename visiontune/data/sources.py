@@ -208,6 +208,11 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 def list_image_files(folder: Path) -> list[Path]:
-    """Image files below `folder`, recursively, sorted; hidden files and folders left out."""
+    """Image files below `folder`, recursively, sorted; hidden files and folders left out.
+
+    A symbolic link with an image name that leads nowhere (a loop, a missing target) is listed, so
+    that the scan reports it with its reason instead of it vanishing without a word.
+    """
     hidden = lambda p: any(part.startswith(".") for part in p.relative_to(folder).parts)  # noqa: E731
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not hidden(p))
+    dangling = lambda p: p.is_symlink() and not p.exists()  # noqa: E731
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or dangling(p)) and is_image_file(p) and not hidden(p))

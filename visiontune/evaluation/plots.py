@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 import numpy as np  # noqa: E402
 
 from visiontune.data.images import ImageLoadError, load_rgb  # noqa: E402
 
 THUMBNAIL = 160
+# Fonts with CJK glyphs, tried glyph by glyph after DejaVu Sans when installed, so that class names
+# in any script are drawn; where none is installed, missing glyphs are boxes, without a warning.
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR",
+                  "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback",
+                  "Microsoft YaHei", "SimHei", "PingFang SC", "Hiragino Sans", "Malgun Gothic",
+                  "Yu Gothic", "Arial Unicode MS", "Noto Sans")
 
 
 def confusion_matrix_png(matrix: dict, path: Path) -> None:
@@ -80,6 +89,16 @@ def prediction_grid_png(rows: list[dict], title: str, path: Path, max_pixels: in
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=90)
+    """Lay out and write `fig` with the fallback fonts; glyph warnings would only clutter a run's log."""
+    with plt.rc_context({"font.sans-serif": _sans_serif()}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
+
+
+@functools.cache
+def _sans_serif() -> list[str]:
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    default = list(matplotlib.rcParams["font.sans-serif"])
+    return default[:1] + [name for name in FALLBACK_FONTS if name in installed] + default[1:]

@@ -233,3 +233,44 @@ def test_inspect_image_size_and_hash(tmp_path):
 )
 def test_is_image_file(name, expected):
     assert is_image_file(Path("/data/cats") / name) is expected
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (PermissionError(13, "Permission denied"), "permission denied"),
+    (OSError(40, "Too many levels of symbolic links"), "symbolic link loop"),
+    (OSError(5, "Input/output error"), "cannot read the file: Input/output error"),
+    (OSError("image file is truncated"), "corrupt or truncated image"),
+])
+def test_file_system_errors_are_not_called_corrupt_images(tmp_path, monkeypatch, error, reason):
+    path = saved(noisy((8, 8)), tmp_path / "a.png")
+
+    def fail(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Path, "read_bytes", fail)
+    with pytest.raises(ImageLoadError, match=reason):
+        inspect_image(path, 10_000)
+
+
+def test_unreadable_permissions_are_named(tmp_path):
+    import os
+
+    path = saved(noisy((8, 8)), tmp_path / "locked.png")
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: file permissions do not apply (the case above fakes the error)")
+    assert_rejected(path, "permission denied")
+
+
+def test_symlink_loops_and_dangling_links_are_listed_and_named(tmp_path):
+    from visiontune.data.sources import Sample, list_image_files
+    from visiontune.data.validate import scan
+
+    saved(noisy((8, 8)), tmp_path / "real.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")
+    listed = list_image_files(tmp_path)
+    assert [p.name for p in listed] == ["gone.jpg", "loop.png", "real.png"]
+    result = scan([Sample(str(p), "x", "train") for p in listed], 10_000)
+    reasons = {s.path.rsplit("/", 1)[1]: s.reason for s in result.skipped}
+    assert reasons == {"loop.png": "symbolic link loop", "gone.jpg": "file not found (or a symbolic link to nothing)"}
