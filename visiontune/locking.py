@@ -8,10 +8,11 @@ the kernel releases it when its process exits, however it exits (crash, kill -9)
 by a dead process is never stale and needs no PID guessing; and `filelock` truncates the file
 before it tries to lock, which would wipe the holder's details that the refused process names in
 its message. Not `flock`: forked DataLoader workers inherit a flock and kept the directory locked
-after their parent had finished or failed; a record lock belongs to the process alone. The
-file is left in place on release (unlinking a lock file lets two processes lock different files),
-except when this process created the directory and nothing else was written to it. Locks are
-re-entrant within a process (`train --lr auto` runs lr-find in the run directory it holds).
+after their parent had finished or failed; a record lock belongs to the process alone. The file
+is removed on release (and the directory too when this process created it and wrote nothing
+else); a process that locked a file just removed checks the path still names it, and else locks
+afresh, so two processes never hold "the" lock on different files. Locks are re-entrant within
+a process (`train --lr auto` runs lr-find in the run directory it holds).
 Where `fcntl` does not exist (Windows) directories are not locked.
 """
 
@@ -70,10 +71,10 @@ def locked_dir(directory: str | os.PathLike, create: bool = True) -> Iterator[Pa
         yield directory
     finally:
         del _held[key]
-        if created and [p.name for p in directory.iterdir()] == [LOCK_NAME]:
-            (directory / LOCK_NAME).unlink(missing_ok=True)  # a run that wrote nothing leaves nothing
-            directory.rmdir()
+        (directory / LOCK_NAME).unlink(missing_ok=True)  # before the release: see the module doc
         os.close(fd)  # releases the lock
+        if created and not any(directory.iterdir()):  # a run that wrote nothing leaves nothing
+            directory.rmdir()
 
 
 def is_only_lock(directory: Path) -> bool:

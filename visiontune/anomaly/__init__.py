@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.anomaly.base import AnomalyModel, read_model_files
+from visiontune.anomaly.calibration import folds_for
 from visiontune.anomaly.components.anomaly_map import heatmap_overlay
 from visiontune.anomaly.components.features import resolve_layers
 from visiontune.anomaly.data import (
@@ -48,15 +49,17 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
         defects: str | Path | None = None, holdout_fraction: float = 0.1, false_alarm_rate: float = 0.01,
         out: str | Path | None = None, batch_size: int = 16, workers: int | None = None,
         device: str = "auto", seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-        chunk_patches: int = 2**16) -> AnomalyModel:
+        chunk_patches: int = 2**16, calibration: str = "auto") -> AnomalyModel:
     """Fit `method` on the good images in `good` (a folder, or an MVTec AD category root).
 
-    `holdout_fraction` of them (at least one) are kept out of the fit and set the threshold: the
-    (1 - false_alarm_rate) quantile of their scores, or, with a folder of labelled `defects`, the
-    F1-optimal threshold over both. Saved to `out` when given.
+    The threshold is the (1 - false_alarm_rate) quantile of good images' scores, or, with a folder
+    of labelled `defects`, the F1-optimal threshold over both. The good scores are out-of-fold
+    scores of all training images (`calibration="kfold"`, the "auto" choice below 100 images) or
+    those of `holdout_fraction` of them kept out of the fit ("holdout"). Saved to `out` when given.
     """
     if method not in DETECTORS:
         raise UserError(f"unknown method {method!r}; use patchcore or padim")
+    folds_for(calibration, 0)  # a misspelt choice stops before any work
     _check_options(coreset_ratio, holdout_fraction, false_alarm_rate, image_size, batch_size)
     check_weights_available(backbone, pretrained, weights)
     with ExitStack() as stack:
@@ -67,7 +70,8 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
         layers = resolve_layers(backbone, list(layers) if layers else None, method)
         files = good_images(good)
         defect_files = input_paths([defects]) if defects is not None else []
-        train, holdout = split_holdout(files, holdout_fraction, seed)
+        folds = folds_for(calibration, len(files))
+        train, holdout = (files, []) if folds else split_holdout(files, holdout_fraction, seed)
         extractor = create_extractor(backbone, layers, pretrained, weights, seed)
         if method == "patchcore":
             detector = PatchCore(coreset_ratio=coreset_ratio, chunk_patches=chunk_patches, seed=seed)
@@ -75,7 +79,7 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
             detector = Padim(n_features=n_features, seed=seed)
         model = AnomalyModel(extractor, detector, Preprocessing.from_model(extractor.model, image_size),
                              batch_size=batch_size, workers=_workers(workers), max_pixels=max_pixels, device=device)
-        model.fit(train, holdout, defect_files, false_alarm_rate)
+        model.fit(train, holdout, defect_files, false_alarm_rate, folds=folds, seed=seed)
         if out is not None:
             model.save(out)
     return model

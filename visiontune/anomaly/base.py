@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from visiontune._version import __version__
+from visiontune.anomaly.calibration import cached_embeddings, out_of_fold_scores, score_range, warn_if_too_few
 from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
 from visiontune.anomaly.components.threshold import GOOD_QUANTILE, choose_threshold
 from visiontune.anomaly.data import DEFAULT_MAX_PIXELS, anomaly_transform
@@ -102,43 +103,57 @@ class AnomalyModel:
         return self.preprocessing.input_size
 
     def fit(self, train: Sequence[Path], holdout: Sequence[Path], defects: Sequence[Path] = (),
-            false_alarm_rate: float = 0.01) -> AnomalyModel:
-        """Fit the detector on `train`, then the threshold on held-out good (and defect) images."""
+            false_alarm_rate: float = 0.01, folds: int = 0, seed: int = 0) -> AnomalyModel:
+        """Fit the detector on `train`, then the threshold on held-out good (and defect) images.
+
+        With `folds` (and no `holdout`), the good scores behind the threshold are out-of-fold: each
+        training image scored by a detector fitted on the other folds (calibration.py), and the
+        detector kept is then fitted on all of them.
+        """
         started = time.perf_counter()
         skipped: list[Skipped] = []
         stats = {"load_s": 0.0, "features_s": 0.0, "images": 0}
-        self.detector.fit(self._embeddings(train, skipped, stats))
+        if folds:
+            embeddings = cached_embeddings(self, train, skipped, stats)
+            self.detector.fit(embeddings.batches(range(len(embeddings))))
+        else:
+            self.detector.fit(self._embeddings(train, skipped, stats))
         train_images = stats.pop("images")
         stats["detector_s"] = time.perf_counter() - started - stats["load_s"] - stats["features_s"]
         calibration_started = time.perf_counter()
-        good_scores, self.map_range_ = self._score_good(holdout, skipped)
+        if folds:
+            good_scores, self.map_range_ = out_of_fold_scores(self, embeddings, folds, seed)
+            calibration = {"method": f"{folds}-fold out-of-bank scores of the training images", "folds": folds}
+        else:
+            good_scores, self.map_range_ = self._score_good(holdout, skipped)
+            calibration = {"method": "held-out good images"}
+        calibration["scores"] = len(good_scores)
         bad = self.score(defects) if defects else None
         self.threshold_, rule = choose_threshold(good_scores, bad.scores if bad else None, false_alarm_rate)
-        self.threshold_rule_ = {"rule": rule}
+        self.threshold_rule_ = {"rule": rule, "calibration_scores": len(good_scores)}
         if rule == GOOD_QUANTILE:
             self.threshold_rule_["false_alarm_rate"] = false_alarm_rate
+            warn_if_too_few(len(good_scores), false_alarm_rate)
         stats["threshold_s"] = time.perf_counter() - calibration_started
         stats["total_s"] = time.perf_counter() - started
         skipped += bad.skipped if bad else []
         self.fit_info_ = {
-            "train_images": train_images, "holdout_images": len(good_scores),
+            "train_images": train_images, "holdout_images": 0 if folds else len(good_scores),
+            "calibration": calibration,
             "defect_images": len(bad.paths) if bad else 0, "skipped": [vars(s) for s in skipped],
             "timings": {k: round(v, 3) for k, v in stats.items()},
         }
         return self
 
     def _score_good(self, holdout: Sequence[Path], skipped: list[Skipped]) -> tuple[np.ndarray, tuple[float, float]]:
-        """Held-out scores, and the heat-map range: the median pixel (over every 4th row and column,
-        so memory stays small however many images are held out) and the maximum pixel."""
-        scores, pixels, high = [], [], -np.inf
+        """Held-out scores and the heat-map range (`score_range`)."""
+        parts = []
         for part in self.score_batches(holdout):
             skipped += part.skipped
-            scores.append(part.scores)
-            pixels.append(part.maps[:, ::4, ::4].ravel())
-            high = max(high, float(part.maps.max(initial=-np.inf)))
-        if not np.isfinite(high):
+            parts += [(part.scores, part.maps)] if len(part.scores) else []
+        if not parts:
             raise UserError("none of the held-out good images could be read; see the skipped files")
-        return np.concatenate(scores), (float(np.median(np.concatenate(pixels))), high)
+        return score_range(parts)
 
     def _loader(self, paths: Sequence[Path]) -> DataLoader:
         dataset = ImageFiles(paths, anomaly_transform(self.preprocessing), self.max_pixels)
@@ -180,15 +195,20 @@ class AnomalyModel:
         """Scores batch by batch, so any number of images is scored in bounded memory."""
         skipped: list[Skipped] = []
         for images, indices in self._batches(paths, skipped):
-            patch_scores, image_scores = self.detector.score(self._embed(images))
-            maps = smooth_anomaly_map(patch_scores, self.image_size)
-            if image_scores is None:
-                image_scores = maps.flatten(1).amax(dim=1)
-            yield Scores([paths[i] for i in indices], image_scores.float().cpu().numpy(),
-                         maps.float().cpu().numpy(), skipped.copy())
+            image_scores, maps = self.score_embedding(self.detector, self._embed(images))
+            yield Scores([paths[i] for i in indices], image_scores, maps, skipped.copy())
             skipped.clear()
         if skipped:
             yield self._no_scores(skipped)
+
+    @torch.inference_mode()
+    def score_embedding(self, detector: PatchDetector, embedding: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores [B] and smoothed maps [B, size, size] of `detector` for a batch of embeddings."""
+        patch_scores, image_scores = detector.score(embedding)
+        maps = smooth_anomaly_map(patch_scores, self.image_size)
+        if image_scores is None:
+            image_scores = maps.flatten(1).amax(dim=1)
+        return image_scores.float().cpu().numpy(), maps.float().cpu().numpy()
 
     def score(self, paths: Sequence[Path]) -> Scores:
         parts = list(self.score_batches(paths)) or [self._no_scores([])]

@@ -54,7 +54,10 @@ def fit(
     weights: Annotated[Optional[Path], Opt(help="Local backbone weights (safetensors or state dict).")] = None,
     pretrained: Annotated[bool, Opt("--pretrained/--no-pretrained", help="Pretrained backbone.")] = True,
     defects: Annotated[Optional[Path], Opt(help="Labelled defect images: the threshold becomes F1-optimal.")] = None,
-    holdout_fraction: Annotated[float, Opt(help="Good images held out to set the threshold.")] = 0.1,
+    calibration: Annotated[str, Opt(help="auto | kfold | holdout: the good scores behind the threshold are "
+                                          "out-of-fold scores of all images (auto: below 100 images) or "
+                                          "those of a held-out share.")] = "auto",
+    holdout_fraction: Annotated[float, Opt(help="Good images held out to set the threshold (--calibration holdout).")] = 0.1,
     false_alarm_rate: Annotated[float, Opt(help="Threshold = this upper quantile of held-out good scores.")] = 0.01,
     batch_size: BatchSize = 16,
     workers: Workers = None,
@@ -71,14 +74,15 @@ def fit(
             image_size=image_size, coreset_ratio=coreset_ratio, n_features=n_features, weights=weights,
             pretrained=pretrained, defects=defects, holdout_fraction=holdout_fraction,
             false_alarm_rate=false_alarm_rate, out=out, batch_size=batch_size, workers=workers,
-            device=device, seed=seed, max_pixels=max_pixels,
+            device=device, seed=seed, max_pixels=max_pixels, calibration=calibration,
         )
     info = model.fit_info_
     _print_skipped(info["skipped"])
     stdout.print(
         f"fitted {method} on {info['train_images']} images ({backbone}: {', '.join(model.extractor.layers)}, "
         f"{model.image_size} px) in {info['timings']['total_s']:.1f} s; threshold {model.threshold_:.4g} "
-        f"({model.threshold_rule_['rule']}, {info['holdout_images']} held-out good images)\nsaved to {out}"
+        f"({model.threshold_rule_['rule']}, from {info['calibration']['scores']} good scores: "
+        f"{info['calibration']['method']})\nsaved to {out}"
     )
 
 

@@ -73,7 +73,8 @@ def test_cli_fit_predict_evaluate(tmp_path: Path) -> None:
                                          "test_resnet", "--no-pretrained", "--image-size", "64",
                                          "--layers", "layer1,layer2", "--method", "padim", *common])
     assert result.exit_code == 0, result.output
-    assert "fitted padim on 5 images (test_resnet: layer1, layer2, 64 px)" in result.output
+    assert "fitted padim on 6 images (test_resnet: layer1, layer2, 64 px)" in result.output  # all: k-fold
+    assert "from 6 good scores: 5-fold out-of-bank" in result.output
     result = runner.invoke(anomaly_app, ["predict", str(model_dir), str(root / "scratch"), "--out",
                                          str(tmp_path / "s.csv"), "--heatmaps", str(tmp_path / "heat"), *common])
     assert result.exit_code == 0, result.output

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from visiontune import anomaly
+from visiontune.anomaly.calibration import cached_embeddings, out_of_fold_scores
 from visiontune.anomaly.data import good_images
 
 from .conftest import FIT_OPTIONS
@@ -46,24 +47,38 @@ def test_reload_gives_identical_scores_and_maps(fitted, mvtec: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
 
 
-def test_threshold_is_the_upper_quantile_of_held_out_good_scores(fitted, mvtec: Path) -> None:
-    _, out, model = fitted
+def test_small_sets_calibrate_on_out_of_fold_scores_of_every_image(fitted, mvtec: Path) -> None:
+    method, out, model = fitted
+    files = good_images(mvtec)
+    info = model.fit_info_
+    assert (info["train_images"], info["holdout_images"]) == (40, 0)  # below 100 images: all fit, all calibrate
+    assert info["calibration"] == {"method": "5-fold out-of-bank scores of the training images", "folds": 5, "scores": 40}
+    embeddings = cached_embeddings(model, files, [], {"load_s": 0.0, "features_s": 0.0, "images": 0})
+    scores, _ = out_of_fold_scores(model, embeddings, 5, seed=0)
+    assert model.threshold_ == pytest.approx(np.quantile(scores, 0.99), rel=1e-6)
+    in_bank = model.score(files).scores  # what the final detector says of its own training images
+    assert model.threshold_ > np.quantile(in_bank, 0.99), method
+    saved = json.loads((out / "model.json").read_text())
+    assert saved["threshold_rule"] == {"rule": "good-quantile", "calibration_scores": 40, "false_alarm_rate": 0.01}
+    assert saved["threshold"] == model.threshold_
+
+
+def test_holdout_calibration_is_the_upper_quantile_of_held_out_good_scores(mvtec: Path, caplog) -> None:
+    model = anomaly.fit(mvtec, method="padim", calibration="holdout", **FIT_OPTIONS | {"image_size": 64})
     train, holdout = anomaly.split_holdout(good_images(mvtec), 0.1, seed=0)
     assert model.fit_info_["holdout_images"] == len(holdout) == 4
     assert model.fit_info_["train_images"] == len(train) == 36
-    expected = np.quantile(model.score(holdout).scores, 0.99)
-    assert model.threshold_ == pytest.approx(expected, rel=1e-6)
-    saved = json.loads((out / "model.json").read_text())
-    assert saved["threshold_rule"] == {"rule": "good-quantile", "false_alarm_rate": 0.01}
-    assert saved["threshold"] == model.threshold_
+    assert model.threshold_ == pytest.approx(np.quantile(model.score(holdout).scores, 0.99), rel=1e-6)
+    assert model.threshold_rule_["calibration_scores"] == 4
+    assert "rests on 4 good image scores, too few for a 1% false-alarm rate (that needs at least 100)" in caplog.text
 
 
 def test_labelled_defects_make_the_threshold_f1_optimal(mvtec: Path) -> None:
     options = FIT_OPTIONS | {"image_size": 64}
     model = anomaly.fit(mvtec, method="padim", defects=mvtec / "test" / "scratch", **options)
-    assert model.threshold_rule_ == {"rule": "f1-optimal"}
+    assert model.threshold_rule_ == {"rule": "f1-optimal", "calibration_scores": 40}
     assert model.fit_info_["defect_images"] == 16
-    good = model.score(anomaly.split_holdout(good_images(mvtec), 0.1, 0)[1]).scores
+    good = model.score(good_images(mvtec)).scores
     bad = model.score(sorted((mvtec / "test" / "scratch").glob("*.png"))).scores
     assert (good < model.threshold_).all() and (bad >= model.threshold_).all()  # separable here: F1 = 1
 

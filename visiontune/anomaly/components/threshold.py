@@ -1,9 +1,10 @@
 """The decision threshold on image scores, and F1 at a threshold.
 
 Rules (an image is anomalous when its score >= the threshold, as in scikit-learn's curves):
-- `good-quantile`: only good held-out images: the (1 - false_alarm_rate) quantile of their
-  scores (linear interpolation), so about that share of good images is flagged. With fewer than
-  1 / false_alarm_rate held-out images this is close to their maximum score.
+- `good-quantile`: only good images (held out, or out-of-fold: anomaly/calibration.py): the
+  (1 - false_alarm_rate) quantile of their scores (linear interpolation), so about that share of
+  good images is flagged. With fewer than 1 / false_alarm_rate scores this is close to their
+  maximum score.
 - `f1-optimal`: when labelled defect images are given too: the threshold with the best F1 over
   the held-out good and the defect images.
 """
