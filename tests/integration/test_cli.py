@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,8 @@ def test_check_clean_data_exits_0(binary_folder):
 
 
 def test_demo_trains_on_generated_surfaces(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("visiontune.models.backbones.cached_pretrained_file", lambda name: None)  # nothing cached
     monkeypatch.setitem(visiontune.demo.DEMO_OPTIONS, "epochs", 1)
     monkeypatch.setitem(visiontune.demo.DEMO_OPTIONS, "workers", 0)
     monkeypatch.setitem(visiontune.demo.DEMO_OPTIONS, "progress", False)
@@ -122,6 +125,24 @@ def test_demo_trains_on_generated_surfaces(tmp_path, monkeypatch):
     counts = {d.name: len(list(d.iterdir())) for d in (tmp_path / "demo" / "data").iterdir()}
     assert counts == {"clean": visiontune.demo.DEMO_PER_CLASS, "scratched": visiontune.demo.DEMO_PER_CLASS}
     assert "test" in result.output and "accuracy" in result.output
+    assert "pretrained tf_efficientnet_lite0 weights are not in the cache and the model hub cannot be reached: " \
+           "training a small resnet10t from scratch instead" in result.output
+
+
+def test_demo_fine_tunes_a_pretrained_backbone_when_weights_can_be_had(tmp_path, monkeypatch):
+    used = {}
+
+    def fit(data, **options):  # the choice is what is tested; training it is the online user's minute
+        used.update(options)
+        return types.SimpleNamespace(summary={})
+
+    monkeypatch.setattr("visiontune.models.backbones.cached_pretrained_file", lambda name: "/cache/lite0.safetensors")
+    monkeypatch.setattr(visiontune.demo, "make_scratch_dataset", lambda root: root)
+    monkeypatch.setattr(visiontune, "fit", fit)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert used["model"] == "tf_efficientnet_lite0" and used["pretrained"] and used["freeze_epochs"] == 1
+    assert "fine-tuning pretrained tf_efficientnet_lite0" in result.output
 
 
 @pytest.mark.slow

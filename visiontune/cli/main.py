@@ -244,16 +244,28 @@ def report(run_dir: RunArg) -> None:
 def demo(
     out_dir: Annotated[Path, Opt("--out", help="Where to write the demo data and run.")] = Path("runs/demo"),
 ) -> None:
-    """Generate synthetic clean vs scratched surfaces, train a small model offline, and evaluate it."""
+    """Generate synthetic clean vs scratched surfaces, fine-tune a pretrained backbone on them (a small
+    model from scratch when no pretrained weights can be had), and evaluate it."""
     import visiontune
-    from visiontune.demo import DEMO_OPTIONS, make_scratch_dataset
+    from visiontune.demo import DEMO_OPTIONS, demo_options, make_scratch_dataset
 
     run_dir = out_dir / "run"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} already exists; pass another --out")
     data = make_scratch_dataset(out_dir / "data")
     stdout.print(f"demo data: {data} (clean vs scratched surfaces)")
-    run = visiontune.fit(data, out=str(run_dir), **DEMO_OPTIONS)
+    options, why_not = demo_options()
+    if why_not:
+        stdout.print(why_not)
+    else:
+        stdout.print(f"fine-tuning pretrained {options['model']}: one frozen epoch, then the whole network")
+    try:
+        run = visiontune.fit(data, out=str(run_dir), **options)
+    except Exception as exc:  # the download failed after all: the from-scratch demo still runs
+        if options is DEMO_OPTIONS or (run_dir / "checkpoints").exists():
+            raise
+        stdout.print(f"pretrained weights could not be loaded ({exc}); training from scratch instead", markup=False)
+        run = visiontune.fit(data, out=str(run_dir), **DEMO_OPTIONS)
     _print_evaluation(run.summary)
 
 
