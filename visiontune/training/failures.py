@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from visiontune.errors import UserError
@@ -21,8 +23,23 @@ class RunStoppedError(UserError):
     """Training stopped before the end; the message names the cause and the way to continue."""
 
 
-def stopped_run_error(exc: BaseException, run_dir: Path, state_file: str) -> UserError:
-    """The one-line error to raise for `exc`, which stopped the run in `run_dir`."""
+_PASS = "_visiontune_pass_through"
+
+
+@contextmanager
+def passed_through() -> Iterator[None]:
+    """Exceptions raised in this block reach the caller as they are (callbacks, e.g. optuna's pruning)."""
+    try:
+        yield
+    except Exception as exc:
+        setattr(exc, _PASS, True)
+        raise
+
+
+def stopped_run_error(exc: BaseException, run_dir: Path, state_file: str) -> UserError | None:
+    """The one-line error to raise for `exc`, which stopped the run in `run_dir`; None: raise `exc`."""
+    if getattr(exc, _PASS, False):
+        return None
     if (run_dir / state_file).is_file():
         how = f"the last completed epoch is saved; continue with: visiontune train --resume {run_dir}"
     else:
@@ -30,7 +47,7 @@ def stopped_run_error(exc: BaseException, run_dir: Path, state_file: str) -> Use
     if isinstance(exc, DiskFullError):
         return RunStoppedError(f"{exc}. Free some space: {how}")
     if isinstance(exc, UserError):
-        return exc
+        return None
     logged = _write_log(exc, run_dir)
     return RunStoppedError(f"training stopped: {summary(exc)}. {how[0].upper()}{how[1:]}{logged}")
 

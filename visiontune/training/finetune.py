@@ -43,7 +43,7 @@ from visiontune.models.param_groups import apply_freezing, build_param_groups, f
 from visiontune.run import Run
 from visiontune.training.callbacks import EarlyStopping
 from visiontune.training.checkpoint import load_state, save_model, save_state, write_text_atomic
-from visiontune.training.failures import stopped_run_error
+from visiontune.training.failures import passed_through, stopped_run_error
 from visiontune.training.feature_cache import FeatureSet, PooledHead, extract_features, fits_in_memory
 from visiontune.training.history import plot_history, write_metrics_csv
 from visiontune.training.loop import EpochResult, evaluate, train_one_epoch
@@ -128,7 +128,7 @@ class FineTune:
             raise
         except Exception as exc:  # a worker, a transform, a full disk: one line and the way on
             error = stopped_run_error(exc, self.dir, STATE_FILE)
-            if error is exc:
+            if error is None:
                 raise
             raise error from exc
 
@@ -356,7 +356,8 @@ class FineTune:
             self._save_epoch(epoch, history, timings)
             self.console.print(_epoch_line(record, cfg.epochs, self.stopper.best_epoch == epoch + 1), markup=False)
             for callback in self.callbacks:
-                callback.on_epoch_end(self, record)
+                with passed_through():  # a callback stops a run on purpose (pruning): its exception stands
+                    callback.on_epoch_end(self, record)
             if self.stopper.should_stop:
                 self.console.print(f"early stopping: no {cfg.monitor} improvement for {cfg.patience} epochs")
                 break
