@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import timm
 import torch
 
 from tests.conftest import TINY_MODEL
+from visiontune.errors import UserError
 from visiontune.training.callbacks import EarlyStopping
 from visiontune.training.checkpoint import atomic_write, load_model_file, load_state, save_model, save_state
 
@@ -168,7 +168,7 @@ class Payload:
 def test_load_state_refuses_pickled_objects(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"epoch": 1, "callback": Payload(marker)}, tmp_path / "state.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UserError, match=r"state\.pt was refused: it is damaged or holds pickled objects"):
         load_state(tmp_path / "state.pt")
     assert not marker.exists()
 
