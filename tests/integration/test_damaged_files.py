@@ -9,7 +9,7 @@ import pytest
 
 import visiontune
 from tests.conftest import TINY_OPTIONS
-from tests.integration.test_cli import TINY_FLAGS, Exploit, cli
+from tests.integration.test_cli import Exploit, cli
 from visiontune.errors import UserError
 
 
