@@ -41,8 +41,9 @@ def main() -> None:
     wall = time.perf_counter() - started
 
     with (run.dir / "metrics.csv").open() as handle:
-        accuracies = [float(row["val_accuracy"]) for row in csv.DictReader(handle)]
-    reached = next((i + 1 for i, acc in enumerate(accuracies) if acc >= TARGET), None)
+        rows = list(csv.DictReader(handle))
+    accuracies = [float(row["val_accuracy"]) for row in rows]  # epoch 0 is the linear probe
+    reached = next((int(row["epoch"]) for row in rows if float(row["val_accuracy"]) >= TARGET), None)
     result = {
         "command": f"visiontune train {data} --model tf_efficientnet_lite0 --weights {weights} --epochs {args.epochs}",
         "val_accuracy_per_epoch": accuracies,

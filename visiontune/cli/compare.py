@@ -50,14 +50,16 @@ def lr_find(
     start_lr: Annotated[float, Opt(help="First lr of the sweep.")] = 1e-7,
     end_lr: Annotated[float, Opt(help="Last lr of the sweep.")] = 10.0,
     steps: Annotated[int, Opt(help="Training steps (batches cycle when the data has fewer).")] = 100,
+    stage: Annotated[str | None, Opt(help="frozen (the head on a frozen backbone) or unfrozen (everything, "
+                                     "from the probe head) [default: the first stage training runs]")] = None,
 ) -> None:
-    """The lr range test: suggest --lr (the head lr of the first stage) and plot the loss curve."""
+    """The lr range test: suggest --lr (the head lr of the tested stage) and plot the loss curve."""
     import visiontune
     from visiontune.training.lr_find import default_out_dir
 
     cfg = parse_train_options(ctx)
     result = visiontune.lr_find(config=cfg, start_lr=start_lr, end_lr=end_lr, steps=steps,
-                                out=out or default_out_dir(cfg.model))
+                                out=out or default_out_dir(cfg.model), stage=stage)
     stdout.print(
         f"suggested lr: {result.suggestion:.3g} (steepest descent; min loss / 10: {result.min_loss_lr:.3g}); "
         f"{result.notes[0]}\nwritten: {result.plot} and {result.plot.with_suffix('.json')}", markup=False,

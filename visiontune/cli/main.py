@@ -66,8 +66,11 @@ def train(
     weights: Annotated[Optional[str], Opt(help=_help("weights"))] = None,
     pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained", help=_help("pretrained"))] = None,
     image_size: Annotated[Optional[int], Opt(help=_help("image_size"))] = None,
+    crop_mode: Annotated[Optional[str], Opt(help=_help("crop_mode"))] = None,
     epochs: Annotated[Optional[int], Opt(help=_help("epochs"))] = None,
+    probe: Annotated[Optional[bool], Opt("--probe/--no-probe", help=_help("probe"))] = None,
     freeze_epochs: Annotated[Optional[int], Opt(help=_help("freeze_epochs"))] = None,
+    bn: Annotated[Optional[str], Opt(help=_help("bn"))] = None,
     unfreeze_from: Annotated[Optional[str], Opt(help=_help("unfreeze_from"))] = None,
     decoded_cache: Annotated[Optional[bool], Opt("--decoded-cache/--no-decoded-cache", help=_help("decoded_cache"))] = None,
     compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help=_help("compile"))] = None,
@@ -87,7 +90,8 @@ def train(
     focal_alpha: Annotated[Optional[float], Opt(help=_help("focal_alpha"))] = None,
     focal_gamma: Annotated[Optional[float], Opt(help=_help("focal_gamma"))] = None,
     balance: Annotated[Optional[str], Opt(help="none | sampler | weights [config default: none]")] = None,
-    augment: Annotated[Optional[str], Opt(help="none | light | medium | heavy [config default: light]")] = None,
+    augment: Annotated[Optional[str], Opt(help=_help("augment"))] = None,
+    crop_scale: Annotated[Optional[float], Opt(help=_help("crop_scale"))] = None,
     monitor: Annotated[Optional[str], Opt(help="val_accuracy | val_f1_macro | val_loss [config default: val_accuracy]")] = None,
     patience: Annotated[Optional[int], Opt(help=_help("patience"))] = None,
     label_regex: Annotated[Optional[str], Opt(help=_help("label_regex"))] = None,
@@ -101,7 +105,7 @@ def train(
     threads: Annotated[Optional[int], Opt(help=_help("threads"))] = None,
     out: Annotated[Optional[str], Opt(help=_help("out"))] = None,
 ) -> None:
-    """Fine-tune a pretrained backbone: frozen stage, then unfrozen with discriminative lrs."""
+    """Fine-tune a pretrained backbone: a linear probe on frozen features, then everything with discriminative lrs."""
     import visiontune
 
     given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "visiontune")}

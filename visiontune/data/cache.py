@@ -63,14 +63,15 @@ def default_max_bytes() -> int:
     return int(float(os.environ.get(SIZE_ENV, DEFAULT_MAX_GB)) * 1e9)
 
 
-def resize_rgb(image, size: int, interpolation: str) -> torch.Tensor:
-    """PIL image or uint8 CHW tensor -> uint8 CHW tensor with its shorter side at `size`.
+def resize_rgb(image, size: int, interpolation: str, squash: bool = False) -> torch.Tensor:
+    """PIL image or uint8 CHW tensor -> uint8 CHW tensor with its shorter side at `size` (squash: size x size).
 
     The same torchvision call as `Preprocessing.eval_transform`'s Resize step, so cached and
     uncached evaluation agree exactly.
     """
     mode = InterpolationMode(interpolation if interpolation != "random" else "bilinear")
-    return v2.functional.resize(v2.functional.to_image(image), [size], interpolation=mode, antialias=True).as_subclass(
+    shape = [size, size] if squash else [size]
+    return v2.functional.resize(v2.functional.to_image(image), shape, interpolation=mode, antialias=True).as_subclass(
         torch.Tensor
     )
 
@@ -89,8 +90,9 @@ class DecodedImageCache:
         interpolation: str = "bilinear",
         root: str | os.PathLike | None = None,
         max_bytes: int | None = None,
+        squash: bool = False,
     ) -> None:
-        self.resize_to, self.interpolation = int(resize_to), interpolation
+        self.resize_to, self.interpolation, self.squash = int(resize_to), interpolation, squash
         self.root = Path(root) if root is not None else default_cache_root()
         self.max_bytes = int(max_bytes) if max_bytes is not None else default_max_bytes()
         self._total: int | None = None  # bytes in the folder as last scanned plus our writes since
@@ -102,7 +104,8 @@ class DecodedImageCache:
         cls, preprocessing: Preprocessing, root: str | os.PathLike | None = None, max_bytes: int | None = None
     ) -> DecodedImageCache:
         """The cache matching `preprocessing`'s evaluation resize (also the start of training crops)."""
-        return cls(preprocessing.resize_size, preprocessing.interpolation, root, max_bytes)
+        return cls(preprocessing.resize_size, preprocessing.interpolation, root, max_bytes,
+                   squash=preprocessing.crop_mode == "squash")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_total": None, "_written_since_scan": 0}  # each worker scans afresh
@@ -126,12 +129,12 @@ class DecodedImageCache:
         absolute = os.path.abspath(path)  # not resolve(): symlinked paths only cost a second entry
         st = os.stat(absolute)
         fields = (FORMAT, absolute, st.st_size, st.st_mtime_ns, st.st_ctime_ns, max_pixels,
-                  self.resize_to, self.interpolation)
+                  self.resize_to, self.interpolation) + (("squash",) if self.squash else ())
         digest = hashlib.sha1(repr(fields).encode()).hexdigest()
         return self.root / digest[:2] / f"{digest[2:]}.npy"
 
     def _decode(self, path: str | os.PathLike, max_pixels: int) -> torch.Tensor:
-        return resize_rgb(load_rgb(path, max_pixels), self.resize_to, self.interpolation)
+        return resize_rgb(load_rgb(path, max_pixels), self.resize_to, self.interpolation, self.squash)
 
     def _read(self, entry: Path) -> torch.Tensor | None:
         try:

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
-AUGMENT_PRESETS = ("none", "light", "medium", "heavy")
+AUGMENT_PRESETS = ("none", "light", "medium", "heavy", "texture")
+# Smallest share of the image area a RandomResizedCrop keeps, per preset (`crop_scale` overrides).
+CROP_SCALES = {"light": 0.35, "medium": 0.25, "heavy": 0.08, "texture": 0.8}
 
 
 @dataclass(frozen=True)
@@ -28,16 +30,20 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str
     crop_pct: float
+    crop_mode: str = "center"  # or "squash": the whole image resized to a square (timm's crop_mode)
 
     @classmethod
-    def from_model(cls, model: nn.Module, image_size: int | None = None) -> Preprocessing:
+    def from_model(cls, model: nn.Module, image_size: int | None = None, crop_mode: str | None = None) -> Preprocessing:
+        """The weights' preprocessing; `image_size` and `crop_mode` override when not None."""
         cfg = timm.data.resolve_model_data_config(model)
+        default_mode = str(cfg.get("crop_mode", "center"))
         return cls(
             input_size=image_size or int(cfg["input_size"][-1]),
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
             interpolation=str(cfg.get("interpolation", "bilinear")),
             crop_pct=float(cfg.get("crop_pct", 0.875)),
+            crop_mode=crop_mode or (default_mode if default_mode == "squash" else "center"),
         )
 
     @classmethod
@@ -70,30 +76,39 @@ class Preprocessing:
         """The device-side end of the `normalize=False` transforms: uint8 NCHW -> normalised float."""
         return UInt8Normalizer(self.mean, self.std)
 
+    def _resize(self) -> v2.Resize:
+        """The shorter side (center) or both sides (squash) to size / crop_pct; a no-op on cached images."""
+        size = [self.resize_size, self.resize_size] if self.crop_mode == "squash" else self.resize_size
+        return v2.Resize(size, interpolation=self._mode, antialias=True)
+
     def eval_transform(self, normalize: bool = True) -> v2.Compose:
-        """Resize the shorter side to size / crop_pct, then centre-crop: timm's evaluation recipe."""
+        """Resize to size / crop_pct, then centre-crop: timm's evaluation recipe."""
         return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(self.resize_size, interpolation=self._mode, antialias=True),
-                v2.CenterCrop(self.input_size),
-                *(self._to_normalized() if normalize else []),
-            ]
+            [v2.ToImage(), self._resize(), v2.CenterCrop(self.input_size), *(self._to_normalized() if normalize else [])]
         )
 
-    def train_transform(self, preset: str, normalize: bool = True) -> v2.Compose:
-        """Augmented training transform; with normalize=False every step runs on uint8 (see module doc)."""
+    def train_transform(self, preset: str, normalize: bool = True, crop_scale: float | None = None) -> v2.Compose:
+        """Augmented training transform; with normalize=False every step runs on uint8 (see module doc).
+
+        `crop_scale` is the smallest share of the area a random crop keeps (default per preset).
+        texture is for surfaces and defects, where orientation carries no meaning and a small
+        defect must stay in the crop: flips, 90-degree turns, large crops, mild light changes.
+        """
         if preset not in AUGMENT_PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; use one of {AUGMENT_PRESETS}")
         if preset == "none":
             return self.eval_transform(normalize)
         size, mode = self.input_size, self._mode
-        crop = {"light": (0.35, 1.0), "medium": (0.25, 1.0), "heavy": (0.08, 1.0)}[preset]
-        steps: list[nn.Module] = [
-            v2.ToImage(),
+        crop = (crop_scale or CROP_SCALES[preset], 1.0)
+        steps: list[nn.Module] = [v2.ToImage()]
+        if self.crop_mode == "squash":  # crops are taken from the squashed image, as evaluation sees it
+            steps.append(self._resize())
+        steps += [
             v2.RandomResizedCrop(size, scale=crop, interpolation=mode, antialias=True),
             v2.RandomHorizontalFlip(),
         ]
+        if preset == "texture":
+            steps += [v2.RandomVerticalFlip(), RandomQuarterTurn(), v2.ColorJitter(brightness=0.1, contrast=0.1)]
         if preset == "medium":
             steps += [v2.RandomRotation(15), v2.ColorJitter(0.2, 0.2, 0.2)]
         if preset == "heavy":
@@ -109,6 +124,14 @@ class Preprocessing:
     @property
     def mean_uint8(self) -> list[int]:
         return [round(m * 255) for m in self.mean]
+
+
+class RandomQuarterTurn(nn.Module):
+    """Rotate by 0, 90, 180 or 270 degrees, exactly (no resampling), drawn from torch's generator."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        turns = int(torch.randint(4, ()))
+        return torch.rot90(image, turns, dims=(-2, -1)) if turns else image
 
 
 class UInt8Normalizer(nn.Module):

@@ -14,12 +14,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
 
 from visiontune.errors import UserError
 from visiontune.evaluation import metrics as m
@@ -31,52 +25,8 @@ from visiontune.evaluation.evaluate import (
 )
 from visiontune.features.extraction import SPLIT_DEFAULTS, extract
 from visiontune.features.store import SUFFIXES, load_features
+from visiontune.models.probe_heads import CLASSIFIERS, class_probabilities, select_classifier
 from visiontune.training.checkpoint import write_text_atomic
-
-# Candidates from most to least regularised; ties on validation go to the first.
-GRIDS = {"logreg": ("C", (0.001, 0.01, 0.1, 1.0, 10.0)), "svm": ("C", (0.001, 0.01, 0.1, 1.0, 10.0)),
-         "knn": ("n_neighbors", (25, 15, 9, 5, 3, 1))}
-CLASSIFIERS = tuple(GRIDS)
-
-
-def make_classifier(kind: str, value: float, n_train_per_class: int, seed: int) -> Pipeline:
-    """Standardised features into LogisticRegression, a calibrated LinearSVC, or k-nearest neighbours."""
-    if kind == "logreg":
-        estimator = LogisticRegression(C=value, max_iter=5000)
-    elif kind == "svm":  # LinearSVC has no probabilities: Platt-calibrated by cross-validation on train
-        estimator = CalibratedClassifierCV(LinearSVC(C=value, max_iter=20_000, random_state=seed), cv=min(3, n_train_per_class))
-    else:
-        estimator = KNeighborsClassifier(n_neighbors=int(value))
-    return make_pipeline(StandardScaler(), estimator)
-
-
-def class_probabilities(pipeline: Pipeline, features: np.ndarray, n_classes: int) -> np.ndarray:
-    """predict_proba with a column for every class (zero for classes the training split lacked)."""
-    probs = np.zeros((len(features), n_classes))
-    probs[:, pipeline.classes_] = pipeline.predict_proba(features)
-    return probs
-
-
-def select_classifier(kind: str, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                      n_classes: int, seed: int) -> tuple[Pipeline, dict, list[dict]]:
-    """Fit every candidate on train, keep the best validation accuracy: (pipeline, chosen, table)."""
-    name, values = GRIDS[kind]
-    counts = np.bincount(train[1])
-    if (counts > 0).sum() < 2:
-        raise UserError("a probe needs at least 2 classes with readable images in the train split")
-    per_class = int(counts[counts > 0].min())
-    if kind == "svm" and per_class < 2:
-        raise UserError("--classifier svm needs at least 2 training images in every class")
-    if kind == "knn":
-        values = tuple(v for v in values if v <= len(train[1])) or (1,)
-    best, table = None, []
-    for value in values:
-        pipeline = make_classifier(kind, value, per_class, seed).fit(*train)
-        accuracy = float((class_probabilities(pipeline, val[0], n_classes).argmax(1) == val[1]).mean())
-        table.append({name: value, "val_accuracy": accuracy})
-        if best is None or accuracy > best[1]:
-            best = (pipeline, accuracy, {name: value})
-    return best[0], best[2], table
 
 
 def probe(data, *, classifier: str = "logreg", model: str | None = None, run: str | Path | None = None,

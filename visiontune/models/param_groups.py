@@ -64,13 +64,17 @@ def build_param_groups(
     ]
 
 
-def apply_freezing(model: nn.Module, backbone_frozen: bool, train_bn: bool, fixed: set[str]) -> None:
+def apply_freezing(
+    model: nn.Module, backbone_frozen: bool, train_bn: bool, fixed: set[str], bn_statistics: str = "batch"
+) -> None:
     """Set `requires_grad` and BatchNorm modes for the current stage; call after `model.train()`.
 
     Decided per module: the head always trains; modules before `--unfreeze-from` (`fixed`) never
     do, BatchNorm statistics included; while the backbone is frozen only its norm layers train,
     and only with `train_bn` (as Lightning's BaseFinetuning does). A BatchNorm that does not train
-    is put in eval mode so its running statistics stay those of the weights.
+    is put in eval mode so its running statistics stay those of the weights. Once the backbone
+    trains, `bn_statistics="inference"` keeps every BatchNorm in eval mode too (pretrained running
+    statistics, as Keras's transfer-learning guide advises) while its scale and shift still train.
     """
     head = head_parameter_names(model)
     for mod_name, module in model.named_modules():
@@ -87,7 +91,8 @@ def apply_freezing(model: nn.Module, backbone_frozen: bool, train_bn: bool, fixe
             trainable = True
         for param in module.parameters(recurse=False):
             param.requires_grad_(trainable)
-        if not trainable and isinstance(module, nn.modules.batchnorm._BatchNorm):
+        fixed_statistics = not trainable or (not backbone_frozen and bn_statistics == "inference")
+        if fixed_statistics and isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
 
 

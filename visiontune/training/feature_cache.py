@@ -48,6 +48,11 @@ class FeatureSet:
     targets: torch.Tensor
     present: torch.Tensor
 
+    def arrays(self, view: int = 0) -> tuple:
+        """(features, targets) of the decoded samples of one view, as numpy arrays (for scikit-learn)."""
+        kept = self.present[view]
+        return self.features[view, kept].numpy(), self.targets[kept].numpy()
+
     def batches(self, index_batches: Iterator[list[int]], view: int, device: torch.device) -> Iterator[tuple]:
         """(features, targets) per batch of sample indices, dropping samples that failed to decode."""
         for indices in index_batches:

@@ -40,6 +40,7 @@ from visiontune.evaluation.inference import CPU_BATCH, CUDA_BATCH
 from visiontune.locking import is_only_lock, locked_dir
 from visiontune.models.backbones import check_weights_available, create_classifier
 from visiontune.models.param_groups import apply_freezing, build_param_groups, fixed_parameter_names
+from visiontune.models.probe_heads import PROBE_SCORES, load_linear_head, select_classifier
 from visiontune.run import Run
 from visiontune.training.callbacks import EarlyStopping
 from visiontune.training.checkpoint import load_state, save_model, save_state, write_text_atomic
@@ -56,7 +57,7 @@ STATE_FILE = "checkpoints/state.pt"
 
 
 class Callback(Protocol):
-    """Called after each epoch's checkpoint is written; `record` is that epoch's metrics row."""
+    """Called after each epoch's checkpoint is written (the linear probe is epoch 0); `record` is its metrics row."""
 
     def on_epoch_end(self, tuner: FineTune, record: dict) -> None: ...
 
@@ -155,7 +156,7 @@ class FineTune:
             cfg.model, len(self.labels), pretrained=cfg.pretrained and not resuming,
             weights=None if resuming else cfg.weights,
         )
-        self.pre = Preprocessing.from_model(self.model, cfg.image_size)
+        self.pre = Preprocessing.from_model(self.model, cfg.image_size, cfg.crop_mode)
         self.metadata = self._metadata()
         self.empty_classes = source.empty_classes
         self.data_checks = check_samples(source, cfg.max_pixels, scanned=scanned)
@@ -215,7 +216,8 @@ class FineTune:
         cache = DecodedImageCache.for_preprocessing(self.pre) if cfg.decoded_cache else None
         float_in_loader = cache is None
         train_ds = ImageDataset(
-            by_split["train"], index, self.pre.train_transform(cfg.augment, float_in_loader), cfg.max_pixels, cache
+            by_split["train"], index, self.pre.train_transform(cfg.augment, float_in_loader, cfg.crop_scale),
+            cfg.max_pixels, cache,
         )
         counts = [train_ds.targets.count(i) for i in range(len(self.labels))]
         self.generator = torch.Generator()
@@ -244,6 +246,9 @@ class FineTune:
             for split, ds in eval_sets.items()
         }
         self.train_ds, self.val_ds, self.loader_options = train_ds, eval_sets["val"], common
+        # the probe sees training images as evaluation does: un-augmented
+        self.train_eval_ds = ImageDataset(by_split["train"], index, self.pre.eval_transform(float_in_loader),
+                                          cfg.max_pixels, cache)
         self.cached_views = self._cached_views(len(train_ds))
         weights = class_weights_for(counts) if cfg.balance == "weights" else None
         loss_args = dict(kind=cfg.loss, num_classes=len(self.labels), focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
@@ -277,14 +282,19 @@ class FineTune:
         views = 1 if cfg.augment == "none" else views  # without augmentation every view is the same
         return views if fits_in_memory(self.model, train_size, views) else 0
 
-    def extract_cached(self, val: bool = True) -> tuple[FeatureSet, FeatureSet | None]:
-        """Frozen-backbone features of train (`cached_views` views) and val (one un-augmented view)."""
+    def extract_cached(self, val: bool = True, probe: bool = False) -> tuple[FeatureSet, FeatureSet | None]:
+        """Frozen-backbone features of train and val (one un-augmented view).
+
+        Train gets `cached_views` views through the training transform, or with `probe` one
+        un-augmented view, as the linear probe is fitted.
+        """
         options = {**self.loader_options, "persistent_workers": False}
         precision = self.cfg.feature_precision
         bf16 = precision == "bf16" or (precision == "auto" and self.fabric.device.type == "cpu" and native_bf16_cpu())
         args = (self.normalize, self.cfg.seed, self.eval_batch_size, options, bf16)
+        train_ds, views = (self.train_eval_ds, 1) if probe else (self.train_ds, self.cached_views)
         return (
-            extract_features(self.fabric, self.model, self.train_ds, self.cached_views, *args),
+            extract_features(self.fabric, self.model, train_ds, views, *args),
             extract_features(self.fabric, self.model, self.val_ds, 1, *args) if val else None,
         )
 
@@ -303,7 +313,7 @@ class FineTune:
         lightning.fabric.seed_everything(self.cfg.seed + epoch, verbose=False)
         self.generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
         self.module.train()
-        apply_freezing(self.model, stage == "frozen", self.cfg.train_bn, self.fixed)
+        apply_freezing(self.model, stage == "frozen", self.cfg.train_bn, self.fixed, self.cfg.bn)
 
     def set_lr(self, epoch: int, batch: int) -> None:
         cfg = self.cfg
@@ -324,6 +334,14 @@ class FineTune:
         start_epoch = state.get("epoch", 0)
         if start_epoch:
             self.console.print(f"resuming {self.dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+        if self.cfg.probe and not any(record["stage"] == "probe" for record in history):
+            record = self._probe_stage(timings)
+            if record is not None:
+                history.append(record)
+                self._save_epoch(-1, history, timings)
+                self.console.print(_epoch_line(record, cfg.epochs, True), markup=False)
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, record)
         cached: tuple[FeatureSet, FeatureSet] | None = None
         if self.cached_views and start_epoch < cfg.freeze_epochs:
             t0 = time.perf_counter()
@@ -363,6 +381,51 @@ class FineTune:
                 break
         return history, timings
 
+    def fit_probe_head(self) -> tuple[FeatureSet, FeatureSet, dict, list[dict]] | None:
+        """Fit the head as a logistic-regression probe on frozen features, chosen on val by the monitor.
+
+        Returns (train features, val features, chosen regularisation, candidates), or None with a
+        warning when the head is not one linear layer or the features would not fit in memory.
+        """
+        classifier, n_classes = self.model.get_classifier(), len(self.labels)
+        if not isinstance(classifier, nn.Linear) or not fits_in_memory(self.model, len(self.train_ds), 1):
+            log.warning("no linear probe for this model's head (%s); the head starts untrained",
+                        type(classifier).__name__)
+            return None
+        with self.console.status("linear probe: computing frozen-backbone features"):
+            train_set, val_set = self.extract_cached(probe=True)
+        with self.console.status("linear probe: fitting the head"):
+            pipeline, chosen, table = select_classifier(
+                "logreg", train_set.arrays(), val_set.arrays(), n_classes, self.cfg.seed, PROBE_SCORES[self.cfg.monitor],
+            )
+            load_linear_head(classifier, pipeline, n_classes)
+        return train_set, val_set, chosen, table
+
+    def _probe_stage(self, timings: dict) -> dict | None:
+        """Epoch 0: the head fitted as a logistic-regression probe on frozen features (LP-FT).
+
+        Its regularisation is chosen on validation by the monitored metric; it is recorded and
+        checkpointed like an epoch, so the best-on-validation rule keeps it when fine-tuning
+        never beats it. None (with a warning) when the head is not one linear layer.
+        """
+        t0 = time.perf_counter()
+        fitted = self.fit_probe_head()
+        if fitted is None:
+            return None
+        train_set, val_set, chosen, table = fitted
+        n_classes = len(self.labels)
+        head = PooledHead(self.model)
+        train, val = (evaluate(self.fabric, head, self._in_order(features), self.eval_loss_fn, n_classes)
+                      for features in (train_set, val_set))
+        seconds = time.perf_counter() - t0
+        timings["probe_s"] = seconds
+        timings["probe"] = {"chosen": chosen, "candidates": table}
+        record = _epoch_record(-1, "probe", self.optimizer.param_groups, train, val, seconds, seconds)
+        record["lr"] = record["backbone_lr"] = 0.0
+        self.stopper.update(0, record[self.cfg.monitor], loss=record["val_loss"])
+        save_model(self.dir / "checkpoints/best.safetensors", self.model, self.metadata)
+        return record
+
     def _cached_epoch(self, epoch: int, train_set: FeatureSet, val_set: FeatureSet, on_batch) -> tuple:
         """One frozen epoch on cached features: same batches, lrs and steps as the backbone path."""
         head, device, bs = PooledHead(self.model), self.fabric.device, self.cfg.batch_size
@@ -372,8 +435,12 @@ class FineTune:
             self.fabric, head, batches, self.loss_fn, self.optimizer, lambda batch: self.set_lr(epoch, batch),
             on_batch=on_batch,
         )
-        val_batches = val_set.batches(BatchSampler(range(len(val_set.targets)), self.eval_batch_size, False), 0, device)
-        return train, evaluate(self.fabric, head, val_batches, self.eval_loss_fn, len(self.labels))
+        return train, evaluate(self.fabric, head, self._in_order(val_set), self.eval_loss_fn, len(self.labels))
+
+    def _in_order(self, features: FeatureSet):
+        """Evaluation batches of the first view of cached features."""
+        return features.batches(BatchSampler(range(len(features.targets)), self.eval_batch_size, False), 0,
+                                self.fabric.device)
 
     def _save_epoch(self, epoch: int, history: list[dict], timings: dict) -> None:
         save_model(self.dir / "checkpoints/last.safetensors", self.model, self.metadata)
@@ -407,8 +474,15 @@ class FineTune:
         timings["final_eval_s"] = time.perf_counter() - t0
         timings["train_s"] = sum(timings["epochs_s"])
         timings["wall_s"] = time.perf_counter() - started  # this process only, when resumed
+        probe = next((record for record in history if record["stage"] == "probe"), None)
         summary = {
             "best_epoch": self.stopper.best_epoch,
+            # epoch 0 is the linear probe: no fine-tuned epoch beat it on validation
+            "kept": "probe" if self.stopper.best_epoch == 0 else "fine-tuned",
+            "probe": None if probe is None else {
+                "val_accuracy": probe["val_accuracy"], "val_f1_macro": probe["val_f1_macro"],
+                "val_loss": probe["val_loss"], **timings.get("probe", {}),
+            },
             "monitor": self.cfg.monitor,
             "epochs_run": len(history),
             "stopped_early": len(history) < self.cfg.epochs,
@@ -506,7 +580,12 @@ def _epoch_line(record: dict, epochs: int, best: bool) -> str:
 
 
 def _summary_line(summary: dict, run_dir: Path) -> str:
-    parts = [f"best epoch {summary['best_epoch']}"]
+    if summary["kept"] == "probe":
+        parts = [f"kept the linear probe (epoch 0): no fine-tuned epoch beat its validation {summary['monitor']}"]
+    else:
+        parts = [f"best epoch {summary['best_epoch']}"]
+        if summary["probe"]:
+            parts.append(f"linear probe val accuracy {summary['probe']['val_accuracy']:.3f}")
     for split in ("val", "test"):
         if split in summary:
             parts.append(f"{split} accuracy {summary[split]['accuracy']:.3f} macro-F1 {summary[split]['f1_macro']:.3f}")

@@ -25,7 +25,8 @@ def plot_history(history: list[dict], path: Path, freeze_epochs: int) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [row["epoch"] for row in history]
+    epochs = [row["epoch"] for row in history]  # epoch 0: the linear probe
+    probed = int(any(row["stage"] == "probe" for row in history))
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
@@ -36,7 +37,7 @@ def plot_history(history: list[dict], path: Path, freeze_epochs: int) -> None:
     ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if 0 < freeze_epochs < len(history):
+        if 0 < freeze_epochs + probed < len(history):
             ax.axvline(freeze_epochs + 0.5, color="grey", linestyle=":", label="unfrozen")
         ax.legend()
         ax.grid(alpha=0.3)

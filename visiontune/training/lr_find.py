@@ -75,10 +75,14 @@ def lr_find(
     steps: int = 100,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    stage: str | None = None,
     **options: Any,
 ) -> LrFindResult:
     """Run the range test on `data` with training options (TrainConfig fields, as for `fit`).
 
+    `stage` is the stage whose lr is tested: "frozen" (the head on a frozen backbone) or "unfrozen"
+    (everything, the backbone at lr / lr_mult, starting from the linear-probe head as training
+    does); default: the first stage training runs.
     Batches cycle when the training split has fewer than `steps` of them. With `out`, writes
     lr_find.png and lr_find.json there. The model used is thrown away: nothing else changes.
     """
@@ -87,7 +91,11 @@ def lr_find(
         raise UserError(f"the lr range must satisfy 0 < start_lr < end_lr (got {start_lr} and {end_lr})")
     if steps < MIN_POINTS * 2:
         raise UserError(f"the lr range test needs at least {MIN_POINTS * 2} steps, not {steps}")
-    result = _range_test(cfg, start_lr, end_lr, steps, progress)
+    if stage not in (None, "frozen", "unfrozen"):
+        raise UserError(f"--stage must be frozen or unfrozen, not {stage!r}")
+    if stage == "frozen" and cfg.freeze_epochs == 0:
+        raise UserError("there is no frozen stage to test (--freeze-epochs 0); use --stage unfrozen or set --freeze-epochs")
+    result = _range_test(cfg, start_lr, end_lr, steps, progress, stage)
     if out is not None:
         with locked_dir(out):  # re-entrant: `train --lr auto` already holds its run directory
             result.save(Path(out))
@@ -95,8 +103,13 @@ def lr_find(
 
 
 def resolve_auto_lr(cfg: TrainConfig, run_dir: Path, console: Console) -> LrFindResult:
-    """`--lr auto`: run the range test, keep its plot in the run directory, set `cfg.lr` to the number."""
-    result = lr_find(config=cfg, progress=not console.quiet, out=run_dir)
+    """`--lr auto`: run the range test, keep its plot in the run directory, set `cfg.lr` to the number.
+
+    The test is on the unfrozen stage when training has one: its lr is the one that can wreck
+    pretrained features, while a probe (or a frozen stage) converges over a wide range of lrs.
+    """
+    stage = "unfrozen" if cfg.epochs > cfg.freeze_epochs else "frozen"
+    result = lr_find(config=cfg, progress=not console.quiet, out=run_dir, stage=stage)
     cfg.lr = result.suggestion
     console.print(
         f"lr auto: {result.suggestion:.3g} (steepest descent of the lr range test; min loss / 10 would be "
@@ -109,14 +122,18 @@ def default_out_dir(model: str) -> Path:
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-lr-find-{model.replace('/', '_')}"
 
 
-def _range_test(cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, progress: bool) -> LrFindResult:
-    """The sweep on a throw-away FineTune set up exactly as training's first epoch would be."""
+def _range_test(cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, progress: bool,
+                stage: str | None) -> LrFindResult:
+    """The sweep on a throw-away FineTune set up exactly as training's first epoch of `stage` would be."""
     tuner = FineTune(cfg, progress=False, run_dir=Path(cfg.out or "."))
     tuner.setup(write_files=False)
     if not tuner.train_ds.samples:
         raise UserError("the lr range test needs training images")
-    tuner.prepare_epoch(0)  # seeds, train mode and the first stage's freezing
-    stage = tuner.stage_of(0)[0]
+    first_epoch = cfg.freeze_epochs if stage == "unfrozen" else 0
+    if cfg.probe and tuner.stage_of(first_epoch)[0] == "unfrozen":
+        tuner.fit_probe_head()  # training's unfrozen stage starts from the probe head
+    tuner.prepare_epoch(first_epoch)  # seeds, train mode and the stage's freezing
+    stage = tuner.stage_of(first_epoch)[0]
     device, batch_size = tuner.fabric.device, cfg.batch_size
     if stage == "frozen" and tuner.cached_views:
         train_set, _ = tuner.extract_cached(val=False)  # as training's frozen stage: features computed once

@@ -57,9 +57,11 @@ def npy_files(cache: DecodedImageCache) -> list[Path]:
     return sorted(cache.root.rglob("*.npy"))
 
 
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_cached_uint8_eval_plus_normalizer_equals_the_float_eval_transform(tmp_path: Path, interpolation: str) -> None:
-    pre = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation, 0.875)
+@pytest.mark.parametrize("interpolation, crop_mode", [("bilinear", "center"), ("bicubic", "center"), ("bicubic", "squash")])
+def test_cached_uint8_eval_plus_normalizer_equals_the_float_eval_transform(
+    tmp_path: Path, interpolation: str, crop_mode: str
+) -> None:
+    pre = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation, 0.875, crop_mode)
     cache = DecodedImageCache.for_preprocessing(pre, root=tmp_path / "cache")
     normalize = pre.normalizer()
     for i, size in enumerate([(40, 48), (120, 70), (20, 25)]):  # down- and up-scaled

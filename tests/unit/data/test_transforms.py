@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms import v2
 
 from tests.conftest import COLOURS, colour_image
-from visiontune.data.transforms import AUGMENT_PRESETS, Preprocessing
+from visiontune.data.transforms import AUGMENT_PRESETS, CROP_SCALES, Preprocessing, RandomQuarterTurn
 
 PRE = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)
 # Half a uint8 step, in normalised units: the most the erasing colour can differ by rounding.
@@ -96,3 +96,30 @@ def test_every_preset_runs_with_every_backbone_interpolation(preset: str, interp
         for source in (image, v2.functional.pil_to_tensor(image)):
             out = transform(source)
             assert tuple(out.shape) == (3, 32, 32)
+
+
+def test_quarter_turns_are_exact_and_all_four_occur() -> None:
+    image = torch.arange(2 * 4 * 4, dtype=torch.uint8).view(2, 4, 4)
+    outputs = [RandomQuarterTurn()(image) for _ in range(64)]
+    turns = [[k for k in range(4) if torch.equal(out, torch.rot90(image, k, (-2, -1)))] for out in outputs]
+    assert all(len(matches) == 1 for matches in turns)  # each output is exactly one of the four turns
+    assert {matches[0] for matches in turns} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("preset, crop_scale, expected", [("light", None, CROP_SCALES["light"]),
+                                                          ("texture", None, 0.8), ("light", 0.9, 0.9)])
+def test_crop_scale_defaults_per_preset_and_can_be_raised(preset: str, crop_scale, expected: float) -> None:
+    steps = PRE.train_transform(preset, crop_scale=crop_scale).transforms
+    crop = next(t for t in steps if isinstance(t, v2.RandomResizedCrop))
+    assert crop.scale == (expected, 1.0)
+
+
+def test_squash_keeps_the_ends_of_an_elongated_image_that_center_crops_away() -> None:
+    pixels = torch.zeros(3, 32, 96, dtype=torch.uint8)
+    pixels[:, :, :10] = 255  # a bright mark at the left end, like a defect at a tile's edge
+    image = v2.functional.to_pil_image(pixels)
+    for mode, kept in (("center", False), ("squash", True)):
+        pre = Preprocessing(32, PRE.mean, PRE.std, "bilinear", 1.0, mode)
+        out = pre.eval_transform(normalize=False)(image)
+        assert tuple(out.shape) == (3, 32, 32)
+        assert bool((out[:, :, :2] > 200).all()) == kept
