@@ -67,10 +67,11 @@ class TrainConfig(BaseModel):
         "later epoch beats it on validation.",
     )
     freeze_epochs: int = Field(0, ge=0, description="Epochs with the backbone frozen (after the probe, if any).")
-    bn: BatchNormMode = Field(
-        "inference",
+    bn: BatchNormMode | None = Field(
+        None,
         description="BatchNorm while the backbone trains: inference keeps the pretrained running statistics "
-        "(scale and shift still train), batch normalises with each batch's statistics and updates them.",
+        "(scale and shift still train), batch normalises with each batch's statistics and updates them; "
+        "default inference with pretrained weights, batch from scratch (there are no statistics to keep).",
     )
     unfreeze_from: str | None = Field(
         None, description="Keep parameters before this module (e.g. layer4) frozen throughout."
@@ -162,6 +163,11 @@ class TrainConfig(BaseModel):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
         return self
+
+    @property
+    def bn_statistics(self) -> str:
+        """`bn` resolved: pretrained statistics are worth keeping, a random init's are not."""
+        return self.bn or ("inference" if self.pretrained or self.weights else "batch")
 
     # -- YAML -----------------------------------------------------------------------------------
 

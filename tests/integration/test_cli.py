@@ -141,7 +141,8 @@ def test_demo_fine_tunes_a_pretrained_backbone_when_weights_can_be_had(tmp_path,
     monkeypatch.setattr(visiontune, "fit", fit)
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert used["model"] == "tf_efficientnet_lite0" and used["pretrained"] and used["freeze_epochs"] == 1
+    assert used["model"] == "tf_efficientnet_lite0" and used["pretrained"]
+    assert "freeze_epochs" not in used and "lr" not in used  # the product's own recipe: probe, then fine-tuning
     assert "fine-tuning pretrained tf_efficientnet_lite0" in result.output
 
 

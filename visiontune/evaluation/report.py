@@ -40,6 +40,8 @@ section{margin-bottom:2.5em}code{background:#f3f3f3;padding:0 .2em}
 <h3>Skipped files ({{ skipped|length }})</h3>{% if skipped %}<table><tr><th>file</th><th>reason</th></tr>
 {% for s in skipped %}<tr><td>{{ s.path }}</td><td>{{ s.reason }}</td></tr>{% endfor %}</table>{% else %}<p>none</p>{% endif %}</section>
 <section id="training"><h2>Training</h2><p>Best epoch {{ best_epoch }} of {{ epochs_run }} on {{ monitor }}.</p>
+{% if kept == "probe" %}<p class="warn">Kept: the linear probe (epoch 0), the fitted head on the frozen pretrained backbone: no fine-tuned epoch beat it on validation {{ monitor }}.</p>
+{% elif probe %}<p>Linear probe (epoch 0): validation accuracy {{ "%.4f"|format(probe.val_accuracy) }}, macro-F1 {{ "%.4f"|format(probe.val_f1_macro) }}; fine-tuning beat it.</p>{% endif %}
 {% if history_png %}<img alt="training curves" src="data:image/png;base64,{{ history_png }}">{% endif %}
 <table><tr>{% for c in history_columns %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for row in history %}<tr>{% for c in history_columns %}<td>{{ row[c] }}</td>{% endfor %}</tr>{% endfor %}</table></section>
@@ -84,6 +86,7 @@ def write_report(run: Run) -> Path:
         counts=summary["counts"], checks=summary.get("data_checks", {"errors": [], "warnings": []}),
         skipped=summary["skipped"], best_epoch=summary["best_epoch"], epochs_run=summary["epochs_run"],
         monitor=summary["monitor"], history_png=_b64(run.dir / "history.png"),
+        kept=summary.get("kept"), probe=summary.get("probe"),
         history=[{k: _short(v) for k, v in row.items()} for row in history],
         history_columns=list(history[0]) if history else [],
         honesty=HONESTY_NOTE, evals=evals, explanations=_explanations(run.dir / "eval"),

@@ -98,6 +98,7 @@ class FineTune:
         self.console = Console(quiet=not progress, highlight=False, soft_wrap=True)
         self.progress = progress
         self.state = state
+        self.probe_choice: dict = (state or {}).get("probe_choice", {})  # the probe's C and candidates
         self.dir = run_dir or _new_run_dir(config)
 
     @classmethod
@@ -313,7 +314,7 @@ class FineTune:
         lightning.fabric.seed_everything(self.cfg.seed + epoch, verbose=False)
         self.generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
         self.module.train()
-        apply_freezing(self.model, stage == "frozen", self.cfg.train_bn, self.fixed, self.cfg.bn)
+        apply_freezing(self.model, stage == "frozen", self.cfg.train_bn, self.fixed, self.cfg.bn_statistics)
 
     def set_lr(self, epoch: int, batch: int) -> None:
         cfg = self.cfg
@@ -332,7 +333,7 @@ class FineTune:
         history: list[dict] = list(state.get("history", []))
         timings = dict(state.get("timings", {"scan_s": scan_s, "epochs_s": []}))
         start_epoch = state.get("epoch", 0)
-        if start_epoch:
+        if history:
             self.console.print(f"resuming {self.dir} at epoch {start_epoch + 1}/{cfg.epochs}")
         if self.cfg.probe and not any(record["stage"] == "probe" for record in history):
             record = self._probe_stage(timings)
@@ -340,8 +341,7 @@ class FineTune:
                 history.append(record)
                 self._save_epoch(-1, history, timings)
                 self.console.print(_epoch_line(record, cfg.epochs, True), markup=False)
-                for callback in self.callbacks:
-                    callback.on_epoch_end(self, record)
+                self._notify(record)
         cached: tuple[FeatureSet, FeatureSet] | None = None
         if self.cached_views and start_epoch < cfg.freeze_epochs:
             t0 = time.perf_counter()
@@ -373,9 +373,7 @@ class FineTune:
                 save_model(self.dir / "checkpoints/best.safetensors", self.model, self.metadata)
             self._save_epoch(epoch, history, timings)
             self.console.print(_epoch_line(record, cfg.epochs, self.stopper.best_epoch == epoch + 1), markup=False)
-            for callback in self.callbacks:
-                with passed_through():  # a callback stops a run on purpose (pruning): its exception stands
-                    callback.on_epoch_end(self, record)
+            self._notify(record)
             if self.stopper.should_stop:
                 self.console.print(f"early stopping: no {cfg.monitor} improvement for {cfg.patience} epochs")
                 break
@@ -401,6 +399,11 @@ class FineTune:
             load_linear_head(classifier, pipeline, n_classes)
         return train_set, val_set, chosen, table
 
+    def _notify(self, record: dict) -> None:
+        for callback in self.callbacks:
+            with passed_through():  # a callback stops a run on purpose (pruning): its exception stands
+                callback.on_epoch_end(self, record)
+
     def _probe_stage(self, timings: dict) -> dict | None:
         """Epoch 0: the head fitted as a logistic-regression probe on frozen features (LP-FT).
 
@@ -419,7 +422,7 @@ class FineTune:
                       for features in (train_set, val_set))
         seconds = time.perf_counter() - t0
         timings["probe_s"] = seconds
-        timings["probe"] = {"chosen": chosen, "candidates": table}
+        self.probe_choice = {"chosen": chosen, "candidates": table}
         record = _epoch_record(-1, "probe", self.optimizer.param_groups, train, val, seconds, seconds)
         record["lr"] = record["backbone_lr"] = 0.0
         self.stopper.update(0, record[self.cfg.monitor], loss=record["val_loss"])
@@ -454,6 +457,7 @@ class FineTune:
                 "early_stopping": self.stopper.state_dict(),
                 "history": history,
                 "timings": timings,
+                "probe_choice": self.probe_choice,
                 "finished": False,
             },
         )
@@ -481,7 +485,7 @@ class FineTune:
             "kept": "probe" if self.stopper.best_epoch == 0 else "fine-tuned",
             "probe": None if probe is None else {
                 "val_accuracy": probe["val_accuracy"], "val_f1_macro": probe["val_f1_macro"],
-                "val_loss": probe["val_loss"], **timings.get("probe", {}),
+                "val_loss": probe["val_loss"], **self.probe_choice,
             },
             "monitor": self.cfg.monitor,
             "epochs_run": len(history),

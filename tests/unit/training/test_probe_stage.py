@@ -11,7 +11,9 @@ from torch import nn
 
 import visiontune
 from tests.conftest import TINY_MODEL, TINY_OPTIONS, write_class_folders
+from visiontune.config import TrainConfig
 from visiontune.errors import UserError
+from visiontune.evaluation.report import write_report
 from visiontune.models.backbones import create_classifier
 
 PROBED = {**TINY_OPTIONS, "probe": True, "freeze_epochs": 0, "feature_precision": "fp32"}
@@ -53,6 +55,7 @@ def test_probe_is_kept_when_fine_tuning_never_beats_it(data, tmp_path):
     assert run.summary["val"]["loss"] == pytest.approx(run.summary["probe"]["val_loss"], rel=1e-4)
     best, last = run.load_model("best").state_dict(), run.load_model("last").state_dict()
     assert any(not torch.equal(best[name], last[name]) for name in best)  # the wrecked weights were not kept
+    assert "Kept: the linear probe (epoch 0)" in write_report(run).read_text()
 
 
 def test_resume_after_the_probe_does_not_fit_it_again(data, tmp_path):
@@ -88,3 +91,9 @@ def test_lr_find_on_the_unfrozen_stage(data, tmp_path):
     assert result.stage == "unfrozen" and "backbone at lr / lr_mult" in result.notes[0]
     with pytest.raises(UserError, match="no frozen stage"):
         visiontune.lr_find(data, steps=20, stage="frozen", **PROBED)
+
+
+def test_bn_default_keeps_pretrained_statistics_only():
+    assert TrainConfig(model="resnet18").bn_statistics == "inference"
+    assert TrainConfig(model="resnet18", pretrained=False).bn_statistics == "batch"
+    assert TrainConfig(model="resnet18", pretrained=False, bn="inference").bn_statistics == "inference"
