@@ -18,7 +18,7 @@ TINY_MODEL = "test_resnet"  # timm's ~0.5M-parameter test ResNet
 # The staged machinery without the linear probe (tests of the probe turn it on).
 TINY_OPTIONS = dict(
     model=TINY_MODEL, pretrained=False, image_size=32, batch_size=8, workers=0, epochs=2,
-    freeze_epochs=1, probe=False, lr=1e-3, augment="none", progress=False, report=False,
+    freeze_epochs=1, probe=False, lr=1e-3, crop_mode="center", augment="none", progress=False, report=False,
 )
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 40), "blue": (40, 40, 210)}
 

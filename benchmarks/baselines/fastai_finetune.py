@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from weights_check import weights_check  # this folder is on sys.path: scripts run by path
+
 METHOD = "fastai-fine_tune"
 FASTAI_SPEC = "fastai==2.8.12"  # requires torch>=1.10,<3: fine with the main venv's torch 2.14
 DEFAULT_VENV = "/tmp/fastai-venv"
@@ -78,19 +80,6 @@ def read_splits(path: Path):
         row["path"] = str((image if image.is_absolute() else path.parent / image).resolve())
         row["split"] = row["split"].strip()
     return pd.DataFrame(rows, columns=["path", "label", "split"])
-
-
-def weights_check(body, weights: str) -> float | None:
-    if weights == "none":
-        return None
-    from safetensors.torch import load_file
-
-    state, reference = body.state_dict(), load_file(weights)
-    shared = [k for k in reference if k in state and state[k].shape == reference[k].shape
-              and state[k].is_floating_point()]
-    if not shared:
-        raise SystemExit(f"no tensor of {weights} matches the model: wrong --model?")
-    return max((state[k].float() - reference[k].float()).abs().max().item() for k in shared)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -39,6 +39,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from weights_check import weights_check  # this folder is on sys.path: scripts run by path
+
 METHOD = "tutorial-finetune-all"
 
 
@@ -72,20 +74,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def weights_check(model: nn.Module, weights: str) -> float | None:
-    """Max |difference| between the model's tensors and the file's (backbone only): 0.0 means loaded."""
-    if weights == "none":
-        return None
-    from safetensors.torch import load_file
-
-    state, reference = model.state_dict(), load_file(weights)
-    shared = [k for k in reference if k in state and state[k].shape == reference[k].shape
-              and state[k].is_floating_point()]
-    if not shared:
-        raise SystemExit(f"no tensor of {weights} matches the model: wrong --model?")
-    return max((state[k].float() - reference[k].float()).abs().max().item() for k in shared)
 
 
 def run(args: argparse.Namespace) -> dict:

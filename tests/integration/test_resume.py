@@ -80,7 +80,7 @@ def test_killed_process_resumes_from_last_checkpoint(tmp_path):
     data = write_class_folders(tmp_path / "data", {"blue": 60, "red": 60})
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "visiontune.cli.main", "train", str(data), "--model", "test_resnet",
-           "--no-pretrained", "--image-size", "64", "--epochs", "4", "--freeze-epochs", "2",
+           "--no-pretrained", "--image-size", "64", "--epochs", "4", "--freeze-epochs", "2", "--no-probe",
            "--workers", "0", "--batch-size", "8", "--out", str(run_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,7 +19,7 @@ from visiontune.errors import UserError
 from visiontune.tune import tune
 
 # batch_size, freeze_epochs and augment are left to the search.
-FIXED = {k: v for k, v in TINY_OPTIONS.items() if k not in ("progress", "batch_size", "freeze_epochs", "augment")}
+FIXED = {k: v for k, v in TINY_OPTIONS.items() if k not in ("progress", "batch_size", "freeze_epochs", "augment", "lr")}
 LR_ONLY = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 
 

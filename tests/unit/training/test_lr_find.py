@@ -65,12 +65,13 @@ def test_bad_range_is_a_user_error(three_classes):
 
 def test_train_lr_auto_writes_the_number_used(three_classes, tmp_path):
     run_dir = tmp_path / "run"
-    options = {**TINY_OPTIONS, "epochs": 1}
-    run = visiontune.fit(three_classes, lr="auto", out=str(run_dir), **options)
+    options = {**TINY_OPTIONS, "epochs": 2, "lr": "auto"}  # a frozen epoch, then an unfrozen one
+    run = visiontune.fit(three_classes, out=str(run_dir), **options)
     lr = yaml.safe_load((run.dir / "config.yaml").read_text())["lr"]
     assert isinstance(lr, float) and 1e-7 <= lr <= 10.0
     found = json.loads((run_dir / "lr_find.json").read_text())
     assert found["suggestion"] == lr
+    assert found["stage"] == "unfrozen"  # --lr auto tests the stage whose lr can wreck the features
     assert (run_dir / "lr_find.png").is_file()
     assert run.config.lr == lr
 
