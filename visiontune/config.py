@@ -60,11 +60,11 @@ class TrainConfig(BaseModel):
     )
 
     epochs: int = Field(6, ge=1, description="Total epochs, frozen epochs included.")
-    probe: bool = Field(
-        True,
+    probe: bool | None = Field(
+        None,
         description="Before any epoch, fit the head as a logistic-regression probe on frozen-backbone features "
         "(regularisation chosen on validation); fine-tuning starts from it, and it is the model kept when no "
-        "later epoch beats it on validation.",
+        "later epoch beats it on validation. Default: on with pretrained weights, off from scratch.",
     )
     freeze_epochs: int = Field(0, ge=0, description="Epochs with the backbone frozen (after the probe, if any).")
     bn: BatchNormMode | None = Field(
@@ -165,9 +165,18 @@ class TrainConfig(BaseModel):
         return self
 
     @property
+    def pretrained_start(self) -> bool:
+        return bool(self.pretrained or self.weights)
+
+    @property
+    def use_probe(self) -> bool:
+        """`probe` resolved: a probe of a random backbone's features is no head to fine-tune from."""
+        return self.pretrained_start if self.probe is None else self.probe
+
+    @property
     def bn_statistics(self) -> str:
         """`bn` resolved: pretrained statistics are worth keeping, a random init's are not."""
-        return self.bn or ("inference" if self.pretrained or self.weights else "batch")
+        return self.bn or ("inference" if self.pretrained_start else "batch")
 
     # -- YAML -----------------------------------------------------------------------------------
 

@@ -335,7 +335,7 @@ class FineTune:
         start_epoch = state.get("epoch", 0)
         if history:
             self.console.print(f"resuming {self.dir} at epoch {start_epoch + 1}/{cfg.epochs}")
-        if self.cfg.probe and not any(record["stage"] == "probe" for record in history):
+        if self.cfg.use_probe and not any(record["stage"] == "probe" for record in history):
             record = self._probe_stage(timings)
             if record is not None:
                 history.append(record)

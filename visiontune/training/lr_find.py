@@ -130,7 +130,7 @@ def _range_test(cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, pr
     if not tuner.train_ds.samples:
         raise UserError("the lr range test needs training images")
     first_epoch = cfg.freeze_epochs if stage == "unfrozen" else 0
-    if cfg.probe and tuner.stage_of(first_epoch)[0] == "unfrozen":
+    if cfg.use_probe and tuner.stage_of(first_epoch)[0] == "unfrozen":
         tuner.fit_probe_head()  # training's unfrozen stage starts from the probe head
     tuner.prepare_epoch(first_epoch)  # seeds, train mode and the stage's freezing
     stage = tuner.stage_of(first_epoch)[0]

@@ -93,7 +93,9 @@ def test_lr_find_on_the_unfrozen_stage(data, tmp_path):
         visiontune.lr_find(data, steps=20, stage="frozen", **PROBED)
 
 
-def test_bn_default_keeps_pretrained_statistics_only():
+def test_probe_and_bn_defaults_follow_the_weights():
+    assert TrainConfig(model="resnet18").use_probe and not TrainConfig(model="resnet18", pretrained=False).use_probe
+    assert TrainConfig(model="resnet18", pretrained=False, probe=True).use_probe
     assert TrainConfig(model="resnet18").bn_statistics == "inference"
     assert TrainConfig(model="resnet18", pretrained=False).bn_statistics == "batch"
     assert TrainConfig(model="resnet18", pretrained=False, bn="inference").bn_statistics == "inference"
