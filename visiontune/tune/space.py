@@ -27,16 +27,14 @@ from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
-    "lr": {"type": "float", "low": 3e-5, "high": 3e-3, "log": True},
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
     "weight_decay": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
     "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
     "freeze_epochs": {"type": "int", "low": 0, "high": 2},
     "lr_mult": {"type": "float", "low": 1.0, "high": 100.0, "log": True},
     "schedule": {"type": "categorical", "choices": ["flat_cos", "one_cycle", "cosine"]},
     "pct_start": {"type": "float", "low": 0.1, "high": 0.9},
-    "augment": {"type": "categorical", "choices": ["none", "light", "medium", "heavy", "texture"]},
-    "bn": {"type": "categorical", "choices": ["inference", "batch"]},
-    "crop_mode": {"type": "categorical", "choices": ["squash", "center"]},
+    "augment": {"type": "categorical", "choices": ["none", "light", "medium", "heavy"]},
     "loss": {"type": "categorical", "choices": ["ce", "focal"]},
     "balance": {"type": "categorical", "choices": ["none", "sampler", "weights"]},
 }
