@@ -23,6 +23,8 @@ from pydantic import (
 
 from visiontune.errors import UserError
 
+# What a run written before these options existed did: resuming it must go on the same way.
+LEGACY_DEFAULTS = {"probe": False, "bn": "batch", "crop_mode": "center"}
 Schedule = Literal["flat_cos", "one_cycle", "cosine"]
 Loss = Literal["ce", "bce", "focal"]
 Balance = Literal["none", "sampler", "weights"]
@@ -184,7 +186,8 @@ class TrainConfig(BaseModel):
         path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+    def from_yaml(cls, path: str | Path, missing: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+        """The config in `path`; `missing` fills keys the file lacks, `overrides` win over it."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
@@ -194,7 +197,7 @@ class TrainConfig(BaseModel):
             raise UserError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise UserError(f"{path} must hold a mapping of option names to values")
-        return build_config({**values, **overrides}, source=str(path))
+        return build_config({**(missing or {}), **values, **overrides}, source=str(path))
 
 
 def config_for(data: Any, config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, WeightedRandomSampler
 
 from visiontune._version import __version__
-from visiontune.config import TrainConfig, config_for
+from visiontune.config import LEGACY_DEFAULTS, TrainConfig, config_for
 from visiontune.data.cache import DecodedImageCache
 from visiontune.data.dataset import ImageDataset, collate_skipping_none
 from visiontune.data.sources import Sample, SampleSet, discover
@@ -113,7 +113,7 @@ class FineTune:
         state = load_state(state_path)
         if state.get("finished"):
             raise UserError(f"{run_dir} has already finished; see {run_dir / 'summary.json'}")
-        config = TrainConfig.from_yaml(run_dir / "config.yaml")
+        config = TrainConfig.from_yaml(run_dir / "config.yaml", missing=LEGACY_DEFAULTS)
         return cls(config, callbacks, progress, state=state, run_dir=run_dir)
 
     # -- setup ------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class FineTune:
         start_epoch = state.get("epoch", 0)
         if history:
             self.console.print(f"resuming {self.dir} at epoch {start_epoch + 1}/{cfg.epochs}")
-        if self.cfg.use_probe and not any(record["stage"] == "probe" for record in history):
+        if self.cfg.use_probe and not history:  # a resumed run has had its probe (or was started without)
             record = self._probe_stage(timings)
             if record is not None:
                 history.append(record)
@@ -386,9 +386,12 @@ class FineTune:
         warning when the head is not one linear layer or the features would not fit in memory.
         """
         classifier, n_classes = self.model.get_classifier(), len(self.labels)
-        if not isinstance(classifier, nn.Linear) or not fits_in_memory(self.model, len(self.train_ds), 1):
+        if not isinstance(classifier, nn.Linear):
             log.warning("no linear probe for this model's head (%s); the head starts untrained",
                         type(classifier).__name__)
+            return None
+        if not fits_in_memory(self.model, len(self.train_ds), 1):
+            log.warning("no linear probe: its features would not fit in memory; the head starts untrained")
             return None
         with self.console.status("linear probe: computing frozen-backbone features"):
             train_set, val_set = self.extract_cached(probe=True)

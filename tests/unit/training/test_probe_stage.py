@@ -11,7 +11,7 @@ from torch import nn
 
 import visiontune
 from tests.conftest import TINY_MODEL, TINY_OPTIONS, write_class_folders
-from visiontune.config import TrainConfig
+from visiontune.config import LEGACY_DEFAULTS, TrainConfig
 from visiontune.errors import UserError
 from visiontune.evaluation.report import write_report
 from visiontune.models.backbones import create_classifier
@@ -99,3 +99,11 @@ def test_probe_and_bn_defaults_follow_the_weights():
     assert TrainConfig(model="resnet18").bn_statistics == "inference"
     assert TrainConfig(model="resnet18", pretrained=False).bn_statistics == "batch"
     assert TrainConfig(model="resnet18", pretrained=False, bn="inference").bn_statistics == "inference"
+
+
+def test_a_run_from_before_the_probe_resumes_the_old_way(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("model: resnet18\nepochs: 4\n")  # written before probe / bn / crop_mode existed
+    old = TrainConfig.from_yaml(config, missing=LEGACY_DEFAULTS)
+    assert (old.use_probe, old.bn_statistics, old.crop_mode) == (False, "batch", "center")
+    assert TrainConfig.from_yaml(config).use_probe  # a new run from that file gets today's defaults
