@@ -11,3 +11,9 @@ class WeightsUnavailableError(UserError):
 
 class UnsafeWeightsError(UserError):
     """A weights file holds pickled objects other than tensors and was refused."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when empty), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -16,7 +16,7 @@ from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Preprocessing
-from visiontune.errors import UserError
+from visiontune.errors import UserError, first_line
 
 CHECKPOINTS = ("best", "last")
 
@@ -88,16 +88,16 @@ class Run:
         try:
             model = timm.create_model(self.metadata["model"], pretrained=False, num_classes=len(self.labels))
         except Exception as exc:  # an edited model name or label list
-            raise UserError(f"{self.dir / 'model.json'} does not describe a model: {_first_line(exc)}") from None
+            raise UserError(f"{self.dir / 'model.json'} does not describe a model: {first_line(exc, 300)}") from None
         try:
             safetensors.torch.load_model(model, str(path))
         except RuntimeError as exc:  # torch's size / key mismatch report
             raise UserError(
                 f"{path} does not fit {self.dir / 'model.json'} ({self.metadata['model']}, {len(self.labels)} "
-                f"labels): was either file edited or copied from another run? ({_first_line(exc)})"
+                f"labels): was either file edited or copied from another run? ({first_line(exc, 300)})"
             ) from None
         except Exception as exc:  # safetensors' own errors for a truncated or foreign file
-            raise UserError(f"{path} is damaged or truncated: {_first_line(exc)}") from None
+            raise UserError(f"{path} is damaged or truncated: {first_line(exc, 300)}") from None
         return model.eval()
 
     # -- the API behind `evaluate`, `predict`, `explain` and `report` ------------------------------
@@ -156,8 +156,3 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path} is damaged: expected a JSON object")
     return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

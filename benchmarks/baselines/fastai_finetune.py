@@ -30,14 +30,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights come from --weights,
 
 import argparse
 import csv
-import json
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from weights_check import weights_check  # this folder is on sys.path: scripts run by path
+from common import weights_check, write_result  # this folder is on sys.path: scripts run by path
 
 METHOD = "fastai-fine_tune"
 FASTAI_SPEC = "fastai==2.8.12"  # requires torch>=1.10,<3: fine with the main venv's torch 2.14
@@ -196,15 +195,10 @@ def main() -> None:
         python = ensure_fastai_venv(Path(args.venv))
         os.execv(python, [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
     result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result))
-    import numpy as np
-
-    y_true, probs = np.array(result["test"]["y_true"]), np.array(result["test"]["probs"])
-    test_acc = float((probs.argmax(1) == y_true).mean()) if len(y_true) else float("nan")
+    test_acc = write_result(args.out, result)
     print(f"RESULT {METHOD} {args.model} epochs=1+{args.epochs} last_val_acc={result['last_val_accuracy']:.4f} "
           f"best_val_acc={result['best_val_accuracy']:.4f}@{result['best_epoch_index']} test_acc={test_acc:.4f} "
-          f"n_test={len(y_true)} wall_s={result['wall_s']:.1f} train_s={result['train_s']:.1f} -> {args.out}",
+          f"n_test={len(result['test']['y_true'])} wall_s={result['wall_s']:.1f} train_s={result['train_s']:.1f} -> {args.out}",
           flush=True)
 
 

@@ -24,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights come from --weights,
 import argparse
 import copy
 import csv
-import json
 import platform
 import random
 import time
@@ -39,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from weights_check import weights_check  # this folder is on sys.path: scripts run by path
+from common import weights_check, write_result  # this folder is on sys.path: scripts run by path
 
 METHOD = "tutorial-finetune-all"
 
@@ -185,12 +184,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="the tutorial's 4")
     args = parser.parse_args()
     result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result))
-    y_true, probs = np.array(result["test"]["y_true"]), np.array(result["test"]["probs"])
-    test_acc = float((probs.argmax(1) == y_true).mean()) if len(y_true) else float("nan")
+    test_acc = write_result(args.out, result)
     print(f"RESULT {METHOD} {args.model} epochs={args.epochs} best_epoch={result['best_epoch']} "
-          f"val_acc={result['best_val_accuracy']:.4f} test_acc={test_acc:.4f} n_test={len(y_true)} "
+          f"val_acc={result['best_val_accuracy']:.4f} test_acc={test_acc:.4f} n_test={len(result['test']['y_true'])} "
           f"wall_s={result['wall_s']:.1f} train_s={result['train_s']:.1f} -> {args.out}", flush=True)
 
 

@@ -18,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-from visiontune.errors import UnsafeWeightsError, UserError, WeightsUnavailableError
+from visiontune.errors import UnsafeWeightsError, UserError, WeightsUnavailableError, first_line
 
 HUB_HOST = ("huggingface.co", 443)
 HEAD_INIT_STD = 0.01
@@ -90,10 +90,10 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise UnsafeWeightsError(
             f"refusing to load {path}: it holds pickled objects other than tensors, which could run "
-            f"code when loaded. Save a plain state dict or safetensors instead. ({_first_line(exc)})"
+            f"code when loaded. Save a plain state dict or safetensors instead. ({first_line(exc)})"
         ) from None
     except (RuntimeError, EOFError, ValueError, KeyError) as exc:  # KeyError: e.g. a text file
-        raise UserError(f"{path} is not a readable PyTorch weights file: {_first_line(exc)}") from None
+        raise UserError(f"{path} is not a readable PyTorch weights file: {first_line(exc)}") from None
     return _unwrap_state_dict(loaded, path)
 
 
@@ -166,7 +166,3 @@ def _unwrap_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise UserError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return loaded
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

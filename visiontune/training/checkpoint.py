@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from visiontune.errors import UserError
+from visiontune.errors import UserError, first_line
 
 METADATA_KEY = "visiontune"
 FULL_BELOW_BYTES = 1 << 20  # a write that failed with less than this free failed for space
@@ -117,8 +117,7 @@ def load_state(path: Path) -> dict:
             "run again with another --out"
         ) from None
     except (RuntimeError, EOFError, ValueError, KeyError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is damaged or truncated ({first}); restore it, or start the run again") from None
+        raise UserError(f"{path} is damaged or truncated ({first_line(exc, 200)}); restore it, or start the run again") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is damaged: not a visiontune resume state")
     return state

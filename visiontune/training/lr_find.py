@@ -30,9 +30,9 @@ from torch.utils.data import BatchSampler
 
 from visiontune.config import TrainConfig, config_for
 from visiontune.errors import UserError
+from visiontune.locking import locked_dir
 from visiontune.training.checkpoint import atomic_write, write_text_atomic
 from visiontune.training.feature_cache import PooledHead
-from visiontune.locking import locked_dir
 from visiontune.training.finetune import FineTune
 from visiontune.training.losses import ClassificationLoss
 
