@@ -2,7 +2,7 @@
 accuracy within 6 epochs on CPU. Uses ../shared (not part of the repo), records per-epoch accuracy
 and wall time, and prints a markdown row for docs/benchmarks.md.
 
-    python benchmarks/hymenoptera_finetune.py [--shared ../shared] [--out runs/bench-hymenoptera]
+    python benchmarks/hymenoptera_finetune.py [--shared ../shared] [--out runs/bench-hymenoptera] [--threads 2]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
     parser.add_argument("--out", default="runs/bench-hymenoptera")
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the cores free now); fix it to compare two versions exactly")
     args = parser.parse_args()
     shared = Path(args.shared)
     data, weights = shared / "data/hymenoptera", shared / "weights/tf_efficientnet_lite0.in1k.safetensors"
@@ -35,6 +37,8 @@ def main() -> None:
         raise SystemExit(f"needs {data} and {weights}")
     shutil.rmtree(args.out, ignore_errors=True)
     options = dict(model="tf_efficientnet_lite0", weights=str(weights), epochs=args.epochs, out=args.out)
+    if args.threads:
+        options.update(threads=args.threads, workers=0)
 
     started = time.perf_counter()
     elapsed: dict[int, float] = {}  # epoch (0: the linear probe) -> seconds since the start
