@@ -25,13 +25,9 @@ import numpy as np
 import torch
 
 import visiontune
-from visiontune.bench import machine
+from visiontune.bench.benchmark import machine
 from visiontune.data.images import load_rgb
-from visiontune.evaluation.inference import (
-    iter_logits,
-    load_for_inference,
-    plan_inference,
-)
+from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
 
 SHARED = Path("/work/shared")
 VARIANTS = {  # name: plan options; everything else is the automatic CPU plan

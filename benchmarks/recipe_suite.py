@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 import visiontune
-from visiontune.data.sources import Sample, discover
+from visiontune.data.samples import Sample
+from visiontune.data.sources import discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.evaluation import metrics
-from visiontune.features import probe
+from visiontune.features.probes import probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_textures import make_dataset  # noqa: E402

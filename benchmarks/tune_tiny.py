@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.conftest import TINY_OPTIONS, write_class_folders
-from visiontune.tune import tune
+from visiontune.tune.search import tune
 
 FIXED = {k: v for k, v in TINY_OPTIONS.items() if k not in ("progress", "batch_size", "freeze_epochs", "augment")}
 

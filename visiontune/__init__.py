@@ -6,18 +6,13 @@
 """
 
 from visiontune._version import __version__
-from visiontune.compare import ComparisonResult, compare
+from visiontune.comparison import ComparisonResult, compare
 from visiontune.config import TrainConfig
 from visiontune.data.validate import check_data
 from visiontune.errors import UserError
-from visiontune.run import Run
+from visiontune.run import Run, load_run
 from visiontune.training.finetune import fit
 from visiontune.training.lr_find import LrFindResult, lr_find
-
-
-def load_run(directory: str) -> Run:
-    return Run(directory)
-
 
 __all__ = [
     "ComparisonResult", "LrFindResult", "Run", "TrainConfig", "UserError", "__version__", "check_data",

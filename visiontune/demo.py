@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from visiontune.errors import WeightsUnavailableError
+from visiontune.models.backbones import check_weights_available
+
 # The product's recipe: a pretrained backbone, a linear probe, then all of it fine-tuned (the
 # train defaults; docs/benchmarks.md has the demo measured with weights from ../shared standing
 # in for the hub cache).
@@ -28,9 +31,6 @@ DEMO_PER_CLASS = 200
 def demo_options() -> tuple[dict, str | None]:
     """The pretrained recipe when its weights are in the cache or the hub is reachable; else the
     from-scratch model and the one line saying why."""
-    from visiontune.errors import WeightsUnavailableError
-    from visiontune.models.backbones import check_weights_available
-
     model = PRETRAINED_DEMO_OPTIONS["model"]
     try:
         check_weights_available(model, True, None)

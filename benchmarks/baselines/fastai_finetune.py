@@ -36,7 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import weights_check, write_result  # this folder is on sys.path: scripts run by path
+from common import (  # this folder is on sys.path: scripts run by path
+    weights_check,
+    write_result,
+)
 
 METHOD = "fastai-fine_tune"
 FASTAI_SPEC = "fastai==2.8.12"  # requires torch>=1.10,<3: fine with the main venv's torch 2.14
@@ -88,8 +91,19 @@ def run(args: argparse.Namespace) -> dict:
     import timm
     import torch
     import torchvision
-    from fastai.vision.all import (Callback, CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Resize,
-                                   accuracy, aug_transforms, set_seed, vision_learner)
+    from fastai.vision.all import (
+        Callback,
+        CategoryBlock,
+        ColReader,
+        ColSplitter,
+        DataBlock,
+        ImageBlock,
+        Resize,
+        accuracy,
+        aug_transforms,
+        set_seed,
+        vision_learner,
+    )
 
     set_seed(args.seed)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)

@@ -33,12 +33,14 @@ import numpy as np
 import timm
 import torch
 import torchvision
+from common import (  # this folder is on sys.path: scripts run by path
+    weights_check,
+    write_result,
+)
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-
-from common import weights_check, write_result  # this folder is on sys.path: scripts run by path
 
 METHOD = "tutorial-finetune-all"
 

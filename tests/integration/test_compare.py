@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.cli.main import app
-from visiontune.compare import COLUMNS
+from visiontune.comparison import COLUMNS
 from visiontune.data.sources import discover
 from visiontune.errors import UserError
 

@@ -13,7 +13,7 @@ import torch
 import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.cli.main import main
-from visiontune.evaluation.inference import (
+from visiontune.inference.engine import (
     InferencePlan,
     iter_logits,
     load_for_inference,
@@ -80,7 +80,7 @@ def test_onnx_fp32_equals_torch_and_int8_agrees_on_argmax(tiny_run):
 
 @needs_onnx
 def test_export_is_cached_until_the_checkpoint_changes(tiny_run):
-    from visiontune.export.onnx import export_run
+    from visiontune.inference.onnx import export_run
 
     run, _ = tiny_run
     first = export_run(run)
@@ -103,14 +103,14 @@ def test_predict_api_with_onnx_backend_gives_the_same_labels(tiny_run):
 
 
 def test_automatic_backend_falls_back_to_torch_when_export_fails(tiny_run, monkeypatch, caplog):
-    import visiontune.export.onnx as onnx_export
+    import visiontune.inference.engine as engine
 
     run, data = tiny_run
 
     def broken_export(*args, **kwargs):
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(onnx_export, "export_run", broken_export)
+    monkeypatch.setattr(engine, "export_run", broken_export)
     plan = plan_inference("cpu", backend="onnx", threads=1, workers=0)
     model, used = load_for_inference(run, plan, fallback=True)
     assert isinstance(model, torch.nn.Module) and used.backend == "torch" and used.channels_last

@@ -10,6 +10,7 @@ import torch
 
 import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
+from visiontune import io as atomic_io
 from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError
 from visiontune.locking import LOCK_NAME
@@ -109,8 +110,8 @@ def test_second_process_on_the_same_out_stops_and_a_dead_holder_does_not(data, t
 
 def test_resume_anomaly_tune_and_compare_take_the_lock_too(data, tmp_path, held):
     from visiontune import anomaly
-    from visiontune.compare import compare
-    from visiontune.tune import tune
+    from visiontune.comparison import compare
+    from visiontune.tune.search import tune
 
     for name in ("anomaly", "tune", "compare"):
         held(tmp_path / name)
@@ -149,7 +150,7 @@ def test_full_disk_at_epoch_2_is_one_line_and_resume_continues(data, tmp_path, m
         if len(calls) == 2:  # the second state.pt: epoch 2
             with open(path, "wb") as handle:
                 handle.write(b"partial")
-            monkeypatch.setattr(checkpoint, "_free_bytes", lambda folder: 4096)
+            monkeypatch.setattr(atomic_io, "_free_bytes", lambda folder: 4096)
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
         return real_save(obj, path, *args, **kwargs)
 
@@ -173,8 +174,8 @@ def test_atomic_write_names_the_disk_for_safetensors_errno_words(tmp_path):
     def write(tmp):
         raise OSError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
 
-    with pytest.raises(checkpoint.DiskFullError, match=f"cannot write {target}: no space left on the disk holding {tmp_path}"):
-        checkpoint.atomic_write(target, write)
+    with pytest.raises(atomic_io.DiskFullError, match=f"cannot write {target}: no space left on the disk holding {tmp_path}"):
+        atomic_io.atomic_write(target, write)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
     with pytest.raises(ValueError):  # other failures stay what they are
-        checkpoint.atomic_write(target, lambda tmp: (_ for _ in ()).throw(ValueError("bug")))
+        atomic_io.atomic_write(target, lambda tmp: (_ for _ in ()).throw(ValueError("bug")))

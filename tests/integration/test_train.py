@@ -13,7 +13,12 @@ import torch
 import yaml
 
 import visiontune
-from tests.conftest import BOMB_MAX_PIXELS, TINY_OPTIONS, write_class_folders, write_odd_and_bad_files
+from tests.conftest import (
+    BOMB_MAX_PIXELS,
+    TINY_OPTIONS,
+    write_class_folders,
+    write_odd_and_bad_files,
+)
 from visiontune.errors import UserError
 
 

@@ -16,7 +16,7 @@ import visiontune.tune
 from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.config import TrainConfig
 from visiontune.errors import UserError
-from visiontune.tune import tune
+from visiontune.tune.search import tune
 
 # batch_size, freeze_epochs and augment are left to the search.
 FIXED = {k: v for k, v in TINY_OPTIONS.items() if k not in ("progress", "batch_size", "freeze_epochs", "augment", "lr")}

@@ -23,7 +23,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from visiontune._version import __version__
-from visiontune.anomaly.calibration import cached_embeddings, out_of_fold_scores, score_range, warn_if_too_few
+from visiontune.anomaly.calibration import (
+    cached_embeddings,
+    out_of_fold_scores,
+    score_range,
+    warn_if_too_few,
+)
 from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
 from visiontune.anomaly.components.threshold import GOOD_QUANTILE, choose_threshold
 from visiontune.anomaly.data import DEFAULT_MAX_PIXELS, anomaly_transform
@@ -32,12 +37,15 @@ from visiontune.data.transforms import Preprocessing
 from visiontune.data.validate import Skipped
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
-from visiontune.features.extractor import FeatureExtractor
-from visiontune.training.checkpoint import atomic_write, write_text_atomic
-
-MODEL_FILE = "model.safetensors"
-INFO_FILE = "model.json"
-FORMAT = "visiontune-anomaly/1"
+from visiontune.io import atomic_write, write_text_atomic
+from visiontune.models.extractor import FeatureExtractor
+from visiontune.runformat import (
+    ANOMALY_WEIGHTS_FILE,
+    LEGACY_ANOMALY_FORMAT,
+    META_FILE,
+    meta_fields,
+    read_meta,
+)
 
 
 class PatchDetector(ABC):
@@ -221,7 +229,7 @@ class AnomalyModel:
 
     def info(self) -> dict:
         return {
-            "format": FORMAT, "visiontune_version": __version__, "method": self.detector.method,
+            **meta_fields("anomaly", __version__), "format": LEGACY_ANOMALY_FORMAT, "method": self.detector.method,
             "backbone": self.extractor.backbone, "layers": self.extractor.layers,
             "preprocessing": self.preprocessing.to_dict(), "detector": self.detector.params(),
             "threshold": self.threshold_, "threshold_rule": self.threshold_rule_,
@@ -233,8 +241,8 @@ class AnomalyModel:
         tensors = {f"extractor.{k}": v for k, v in self.extractor.state_dict().items()}
         tensors |= {f"detector.{k}": v for k, v in self.detector.fitted_tensors().items()}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(directory / MODEL_FILE, lambda tmp: safetensors.torch.save_file(tensors, tmp))
-        write_text_atomic(directory / INFO_FILE, json.dumps(self.info(), indent=2) + "\n")
+        atomic_write(directory / ANOMALY_WEIGHTS_FILE, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+        write_text_atomic(directory / META_FILE, json.dumps(self.info(), indent=2) + "\n")
         return directory
 
     @classmethod
@@ -253,15 +261,13 @@ class AnomalyModel:
 
 def read_model_files(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     directory = Path(directory).expanduser()
-    if not (directory / INFO_FILE).is_file() or not (directory / MODEL_FILE).is_file():
-        raise UserError(f"{directory} is not an anomaly model directory (needs {INFO_FILE} and {MODEL_FILE})")
+    info = read_meta(directory, "anomaly")
+    if not (directory / ANOMALY_WEIGHTS_FILE).is_file():
+        raise UserError(f"{directory} is not a complete anomaly model directory (no {ANOMALY_WEIGHTS_FILE})")
     try:
-        info = json.loads((directory / INFO_FILE).read_text())
-        tensors = safetensors.torch.load_file(str(directory / MODEL_FILE))
-    except Exception as exc:  # json and safetensors each raise their own types for damaged files
+        tensors = safetensors.torch.load_file(str(directory / ANOMALY_WEIGHTS_FILE))
+    except Exception as exc:  # safetensors raises its own types for damaged files
         raise UserError(f"{directory} holds a damaged model file: {exc}") from None
-    if info.get("format") != FORMAT:
-        raise UserError(f"{directory / INFO_FILE} is not a {FORMAT} model (format: {info.get('format')})")
     return info, tensors
 
 

@@ -98,7 +98,7 @@ def predict(
 ) -> None:
     """Score images: anomaly score, decision at the saved threshold, optional heat-map overlays."""
     from visiontune import anomaly
-    from visiontune.evaluation.inference import require_some_read
+    from visiontune.data.paths import require_some_read
 
     with _user_errors():
         rows = anomaly.predict(model_dir, paths, out=out, heatmaps=heatmaps, batch_size=batch_size,

@@ -32,8 +32,8 @@ def benchmark(
     json_out: Annotated[Path | None, Opt("--json", help="Also write the results as JSON to this file.")] = None,
 ) -> None:
     """Images/s and ms/image per device and batch size, model only and end to end with decoding."""
-    from visiontune.bench import benchmark as run_benchmark
-    from visiontune.training.checkpoint import write_text_atomic
+    from visiontune.bench.benchmark import benchmark as run_benchmark
+    from visiontune.io import write_text_atomic
 
     result = run_benchmark(
         model_or_run, devices=_split(device, str, "--device"), batch_sizes=_split(batch_sizes, int, "--batch-sizes"),
@@ -53,7 +53,7 @@ def export(
 ) -> None:
     """Export the run's best model (cached in RUN/export/, redone when the checkpoint changes)."""
     import visiontune
-    from visiontune.export.onnx import export_run
+    from visiontune.inference.onnx import export_run
 
     if format != "onnx":
         raise UserError(f"--format must be onnx, not {format!r}")

@@ -28,7 +28,7 @@ def compare(
 ) -> None:
     """Train several backbones with one recipe and split; tabulate test accuracy, macro-F1, size, speed."""
     import visiontune
-    from visiontune.compare import format_rows, timing_note
+    from visiontune.comparison import format_rows, timing_note
 
     cfg = parse_train_options(ctx)
     result = visiontune.compare(config=cfg, models=models, out=out, timing_batch=timing_batch,

@@ -57,7 +57,7 @@ def features(
     device: Device = "auto",
 ) -> None:
     """Write frozen features of intermediate layers with paths, labels and splits."""
-    from visiontune.features import extract
+    from visiontune.features.extraction import extract
 
     result = extract(
         data, out=out, model=model, run=run, layers=layers.split(",") if layers else None, pool=pool, weights=weights,
@@ -94,7 +94,7 @@ def probe(
     out: Annotated[Path | None, Opt(help="Output folder [default: probes/<timestamp>-<model>-<classifier>].")] = None,
 ) -> None:
     """Fit a scikit-learn classifier on frozen features (hyperparameter chosen on val); metrics for val and test."""
-    from visiontune.features import probe as run_probe
+    from visiontune.features.probes import probe as run_probe
 
     summary = run_probe(
         data, classifier=classifier, model=model, run=run, out=out, label_regex=label_regex,

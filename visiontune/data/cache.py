@@ -29,16 +29,13 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from visiontune.data.images import load_rgb
-
-if TYPE_CHECKING:
-    from visiontune.data.transforms import Preprocessing
+from visiontune.data.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, default_collate
 
 from visiontune.data.cache import DecodedImageCache
 from visiontune.data.images import ImageLoadError, load_rgb
-from visiontune.data.sources import Sample
+from visiontune.data.samples import Sample
 
 log = logging.getLogger(__name__)
 

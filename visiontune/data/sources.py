@@ -8,37 +8,15 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from visiontune.data.images import is_image_file
+from visiontune.data.samples import Sample, SampleSet
 from visiontune.data.splits import SPLITS, canonical_order, stratified_split
 from visiontune.errors import UserError
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 MAX_LISTED = 20  # files named in one error message
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str  # absolute path
-    label: str
-    split: str  # "train", "val" or "test"
-
-
-@dataclass
-class SampleSet:
-    """The samples of a data source, with what was noticed while listing them."""
-
-    samples: list[Sample]
-    source: str  # "folders", "split_folders", "csv" or "regex"
-    root: str
-    empty_classes: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def labels(self) -> list[str]:
-        return sorted({s.label for s in self.samples})
 
 
 def discover(

@@ -7,12 +7,9 @@ import random
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from visiontune.data.samples import Sample
 from visiontune.errors import UserError
-
-if TYPE_CHECKING:
-    from visiontune.data.sources import Sample
 
 SPLITS = ("train", "val", "test")
 

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from visiontune.data.images import ImageInfo, ImageLoadError, inspect_image
-from visiontune.data.sources import Sample, SampleSet, discover
+from visiontune.data.samples import Sample, SampleSet
+from visiontune.data.sources import discover
 from visiontune.data.splits import TooFewImagesError
 
 

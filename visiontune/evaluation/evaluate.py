@@ -18,14 +18,11 @@ from visiontune.errors import UserError
 from visiontune.evaluation import metrics as m
 from visiontune.evaluation import plots
 from visiontune.evaluation.calibration import fit_temperature
-from visiontune.evaluation.inference import (
-    iter_logits,
-    load_for_inference,
-    plan_inference,
-    probabilities,
-)
-from visiontune.run import Run
-from visiontune.training.checkpoint import write_text_atomic
+from visiontune.explain.explainer import explain
+from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
+from visiontune.io import write_text_atomic
+from visiontune.models.classifier_run import ClassifierRun
+from visiontune.models.losses import probabilities
 
 HONESTY_NOTE = (
     "Test and out-of-domain images are used for no choice: the checkpoint, the decision threshold and "
@@ -39,7 +36,7 @@ SELECTION_NOTE = (
 
 
 def evaluate_run(
-    run: Run,
+    run: ClassifierRun,
     split: str = "test",
     data: str | None = None,
     target_recall: float | None = None,
@@ -118,7 +115,7 @@ def _notes(name: str) -> list[str]:
     return [HONESTY_NOTE]
 
 
-def _select(run: Run, split: str, data: str | None) -> tuple[str, list[tuple[str, int]], list[str]]:
+def _select(run: ClassifierRun, split: str, data: str | None) -> tuple[str, list[tuple[str, int]], list[str]]:
     if data is None:
         return split, _split_samples(run, split), []
     index = {label: i for i, label in enumerate(run.labels)}
@@ -130,7 +127,7 @@ def _select(run: Run, split: str, data: str | None) -> tuple[str, list[tuple[str
     return f"ood-{Path(data).name}", samples, unknown
 
 
-def _split_samples(run: Run, split: str) -> list[tuple[str, int]]:
+def _split_samples(run: ClassifierRun, split: str) -> list[tuple[str, int]]:
     if split not in ("train", "val", "test"):
         raise UserError(f"--split must be train, val or test, not {split!r}")
     index = {label: i for i, label in enumerate(run.labels)}
@@ -148,7 +145,7 @@ def _positive_index(labels: list[str], positive: str | None) -> int:
     return labels.index(positive)
 
 
-def _binary_block(run: Run, labels: list[str], positive: int, y_true: np.ndarray, probs: np.ndarray,
+def _binary_block(run: ClassifierRun, labels: list[str], positive: int, y_true: np.ndarray, probs: np.ndarray,
                   val: tuple, target_recall: float | None) -> dict:
     block = {"positive": labels[positive], **m.binary_curves(y_true, probs[:, positive], positive)}
     if target_recall is not None:
@@ -164,7 +161,7 @@ def _binary_block(run: Run, labels: list[str], positive: int, y_true: np.ndarray
     return block
 
 
-def _in_domain_reference(run: Run) -> dict | None:
+def _in_domain_reference(run: ClassifierRun) -> dict | None:
     summary = run.summary
     for split in ("test", "val"):
         if split in summary:
@@ -172,7 +169,7 @@ def _in_domain_reference(run: Run) -> dict | None:
     return None
 
 
-def _write_outputs(run: Run, out_dir: Path, result: dict, paths: list[str], y_true: np.ndarray,
+def _write_outputs(run: ClassifierRun, out_dir: Path, result: dict, paths: list[str], y_true: np.ndarray,
                    probs: np.ndarray, top_n: int) -> None:
     rows, losses = write_predictions_csv(out_dir / "predictions.csv", paths, y_true, probs, result["labels"])
     order = np.argsort(-losses, kind="stable")
@@ -209,10 +206,8 @@ def write_predictions_csv(path: Path, paths: list[str], y_true: np.ndarray, prob
     return rows, losses
 
 
-def _explain_worst(run: Run, result: dict, out_dir: Path) -> None:
+def _explain_worst(run: ClassifierRun, result: dict, out_dir: Path) -> None:
     """Grad-CAM of the worst predictions, for the report; a backbone it cannot handle is noted."""
-    from visiontune.explain import explain
-
     worst = [row["path"] for row in result["top_losses"][:EXPLAINED_IMAGES]]
     try:
         explain(run, worst, method="gradcam", out_dir=out_dir)

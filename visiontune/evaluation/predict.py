@@ -15,17 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from visiontune.data.paths import expand_image_paths
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
-from visiontune.evaluation.inference import (
-    expand_image_paths,
-    iter_logits,
-    load_for_inference,
-    plan_inference,
-    probabilities,
-)
-from visiontune.run import Run
-from visiontune.training.checkpoint import atomic_write
+from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
+from visiontune.io import atomic_write
+from visiontune.models.classifier_run import ClassifierRun
+from visiontune.models.losses import probabilities
 
 FORMATS = (".csv", ".jsonl")
 
@@ -38,7 +34,7 @@ class Predictions:
 
 
 def iter_rows(
-    run: Run, inputs: Sequence[str], top_k: int = 1, tta: bool = False, batch_size: int | None = None,
+    run: ClassifierRun, inputs: Sequence[str], top_k: int = 1, tta: bool = False, batch_size: int | None = None,
     workers: int | None = None, device: str = "auto", backend: str | None = None,
     precision: str | None = None, quantize: str | None = None, threads: int | None = None,
 ) -> Iterator[dict]:
@@ -74,7 +70,7 @@ def iter_rows(
 
 
 def predict(
-    run: Run, inputs: Sequence[str], out: str | Path | None = None, **options
+    run: ClassifierRun, inputs: Sequence[str], out: str | Path | None = None, **options
 ) -> Predictions:
     """Predict `inputs` (files or folders); with `out`, rows stream to that .csv / .jsonl file."""
     result = Predictions()

@@ -15,8 +15,8 @@ import jinja2
 
 from visiontune._version import __version__
 from visiontune.evaluation.evaluate import HONESTY_NOTE
-from visiontune.run import Run
-from visiontune.training.checkpoint import write_text_atomic
+from visiontune.io import write_text_atomic
+from visiontune.models.classifier_run import ClassifierRun
 
 SECTIONS = ("config", "data", "training", "evaluation", "explanations", "timings")
 
@@ -74,7 +74,7 @@ section{margin-bottom:2.5em}code{background:#f3f3f3;padding:0 .2em}
 """
 
 
-def write_report(run: Run) -> Path:
+def write_report(run: ClassifierRun) -> Path:
     summary = run.summary
     evals = [_load_eval(path) for path in sorted((run.dir / "eval").glob("*/metrics.json"))]
     history = _read_csv(run.dir / "metrics.csv")

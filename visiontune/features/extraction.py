@@ -12,12 +12,15 @@ import numpy as np
 
 from visiontune.config import TrainConfig
 from visiontune.data.dataset import default_workers
+from visiontune.data.paths import expand_image_paths
 from visiontune.data.sources import discover
 from visiontune.data.transforms import Preprocessing
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
-from visiontune.evaluation.inference import expand_image_paths
-from visiontune.features.extractor import (
+from visiontune.features.projection import fit_projection, project_chunks
+from visiontune.features.store import check_out_path, save_features, temporary_rows
+from visiontune.models.classifier_run import ClassifierRun
+from visiontune.models.extractor import (
     POOLS,
     FeatureExtractor,
     check_layers,
@@ -25,9 +28,6 @@ from visiontune.features.extractor import (
     iter_features,
     run_extractor,
 )
-from visiontune.features.projection import fit_projection, project_chunks
-from visiontune.features.store import check_out_path, save_features, temporary_rows
-from visiontune.run import Run
 
 log = logging.getLogger(__name__)
 SPLIT_DEFAULTS = {name: TrainConfig.model_fields[name].default
@@ -67,7 +67,7 @@ def build_extractor(model: str | None, run: str | Path | None, layers: Sequence[
     if run is not None:
         if weights is not None:
             raise UserError("--weights applies to --model; a run brings its own fine-tuned weights")
-        trained = Run(run)
+        trained = ClassifierRun(run)
         extractor = run_extractor(trained, check_layers(trained.metadata["model"], layers))
         preprocessing = trained.preprocessing
         if image_size:

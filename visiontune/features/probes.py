@@ -25,8 +25,12 @@ from visiontune.evaluation.evaluate import (
 )
 from visiontune.features.extraction import SPLIT_DEFAULTS, extract
 from visiontune.features.store import SUFFIXES, load_features
-from visiontune.models.probe_heads import CLASSIFIERS, class_probabilities, select_classifier
-from visiontune.training.checkpoint import write_text_atomic
+from visiontune.io import write_text_atomic
+from visiontune.models.probe_heads import (
+    CLASSIFIERS,
+    class_probabilities,
+    select_classifier,
+)
 
 
 def probe(data, *, classifier: str = "logreg", model: str | None = None, run: str | Path | None = None,

@@ -18,7 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from visiontune.errors import UserError
-from visiontune.training.checkpoint import atomic_write
+from visiontune.io import atomic_write
 
 SUFFIXES = (".npz", ".safetensors")
 CHUNK_BYTES = 32 * 2**20

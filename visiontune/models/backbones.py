@@ -18,7 +18,12 @@ import timm
 import torch
 from torch import nn
 
-from visiontune.errors import UnsafeWeightsError, UserError, WeightsUnavailableError, first_line
+from visiontune.errors import (
+    UnsafeWeightsError,
+    UserError,
+    WeightsUnavailableError,
+    first_line,
+)
 
 HUB_HOST = ("huggingface.co", 443)
 HEAD_INIT_STD = 0.01

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from visiontune.errors import UserError
-from visiontune.training.checkpoint import DiskFullError, write_text_atomic
+from visiontune.io import DiskFullError, write_text_atomic
 
 ERROR_LOG = "error.log"
 

@@ -20,7 +20,7 @@ from lightning.fabric import Fabric
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune.features.extractor import folded_copy
+from visiontune.models.batchnorm import folded_copy
 
 log = logging.getLogger(__name__)
 MAX_CACHE_BYTES = 4 * 2**30  # beyond this the frozen stage runs the backbone instead

@@ -24,31 +24,51 @@ import torch
 from lightning.fabric import Fabric
 from rich.console import Console
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    WeightedRandomSampler,
+)
 
 from visiontune._version import __version__
 from visiontune.config import LEGACY_DEFAULTS, TrainConfig, config_for
 from visiontune.data.cache import DecodedImageCache
 from visiontune.data.dataset import ImageDataset, collate_skipping_none
-from visiontune.data.sources import Sample, SampleSet, discover
+from visiontune.data.samples import Sample, SampleSet
+from visiontune.data.sources import discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.data.transforms import Preprocessing
 from visiontune.data.validate import ScanResult, check_samples, scan
 from visiontune.devices import native_bf16_cpu, plan_cpu, resolve_device
 from visiontune.errors import UserError
-from visiontune.evaluation.inference import CPU_BATCH, CUDA_BATCH
+from visiontune.inference.engine import CPU_BATCH, CUDA_BATCH
+from visiontune.io import write_text_atomic
 from visiontune.locking import is_only_lock, locked_dir
 from visiontune.models.backbones import check_weights_available, create_classifier
-from visiontune.models.param_groups import apply_freezing, build_param_groups, fixed_parameter_names
-from visiontune.models.probe_heads import PROBE_SCORES, load_linear_head, select_classifier
+from visiontune.models.losses import ClassificationLoss, class_weights_for
+from visiontune.models.param_groups import (
+    apply_freezing,
+    build_param_groups,
+    fixed_parameter_names,
+)
+from visiontune.models.probe_heads import (
+    PROBE_SCORES,
+    load_linear_head,
+    select_classifier,
+)
 from visiontune.run import Run
 from visiontune.training.callbacks import EarlyStopping
-from visiontune.training.checkpoint import load_state, save_model, save_state, write_text_atomic
+from visiontune.training.checkpoint import load_state, save_model, save_state
 from visiontune.training.failures import passed_through, stopped_run_error
-from visiontune.training.feature_cache import FeatureSet, PooledHead, extract_features, fits_in_memory
+from visiontune.training.feature_cache import (
+    FeatureSet,
+    PooledHead,
+    extract_features,
+    fits_in_memory,
+)
 from visiontune.training.history import plot_history, write_metrics_csv
 from visiontune.training.loop import EpochResult, evaluate, train_one_epoch
-from visiontune.training.losses import ClassificationLoss, class_weights_for
 from visiontune.training.progress import EpochProgress
 from visiontune.training.schedules import lr_factor
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from visiontune.training.checkpoint import atomic_write
+from visiontune.io import atomic_write
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:

@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from visiontune.training.losses import ClassificationLoss
+from visiontune.models.losses import ClassificationLoss
 
 
 @dataclass

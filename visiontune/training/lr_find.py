@@ -30,11 +30,11 @@ from torch.utils.data import BatchSampler
 
 from visiontune.config import TrainConfig, config_for
 from visiontune.errors import UserError
+from visiontune.io import atomic_write, write_text_atomic
 from visiontune.locking import locked_dir
-from visiontune.training.checkpoint import atomic_write, write_text_atomic
+from visiontune.models.losses import ClassificationLoss
 from visiontune.training.feature_cache import PooledHead
 from visiontune.training.finetune import FineTune
-from visiontune.training.losses import ClassificationLoss
 
 SMOOTHING = 0.98  # EMA factor of the loss at 100+ steps, bias-corrected (Lightning's and fastai's)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its best value

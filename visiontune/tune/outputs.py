@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from visiontune.training.checkpoint import atomic_write, write_text_atomic
+from visiontune.io import atomic_write, write_text_atomic
 
 log = logging.getLogger(__name__)
 

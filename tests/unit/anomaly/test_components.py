@@ -18,10 +18,10 @@ from visiontune.anomaly.components.threshold import (
     choose_threshold,
     good_quantile_threshold,
 )
-from visiontune.anomaly.evaluate import aupro
+from visiontune.anomaly.evaluation import aupro
 from visiontune.anomaly.patchcore import PatchCore
 from visiontune.errors import UserError
-from visiontune.features.extractor import create_extractor
+from visiontune.models.extractor import create_extractor
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 from visiontune import anomaly
 from visiontune.anomaly.calibration import cached_embeddings, out_of_fold_scores
 from visiontune.anomaly.data import good_images
+from visiontune.anomaly.workflow import split_holdout
 
 from .conftest import FIT_OPTIONS
 
@@ -65,7 +66,7 @@ def test_small_sets_calibrate_on_out_of_fold_scores_of_every_image(fitted, mvtec
 
 def test_holdout_calibration_is_the_upper_quantile_of_held_out_good_scores(mvtec: Path, caplog) -> None:
     model = anomaly.fit(mvtec, method="padim", calibration="holdout", **FIT_OPTIONS | {"image_size": 64})
-    train, holdout = anomaly.split_holdout(good_images(mvtec), 0.1, seed=0)
+    train, holdout = split_holdout(good_images(mvtec), 0.1, seed=0)
     assert model.fit_info_["holdout_images"] == len(holdout) == 4
     assert model.fit_info_["train_images"] == len(train) == 36
     assert model.threshold_ == pytest.approx(np.quantile(model.score(holdout).scores, 0.99), rel=1e-6)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from visiontune.bench import COLUMNS, benchmark, synthetic_photos
+from visiontune.bench.benchmark import COLUMNS, benchmark, synthetic_photos
 from visiontune.cli.main import main
-from visiontune.evaluation.inference import onnx_available
+from visiontune.inference.engine import onnx_available
 
 TINY = "test_resnet"
 

@@ -23,7 +23,7 @@ from tests.conftest import (
 from visiontune.data.cache import DecodedImageCache
 from visiontune.data.dataset import ImageDataset, ImageFiles
 from visiontune.data.images import ImageLoadError, load_rgb
-from visiontune.data.sources import Sample
+from visiontune.data.samples import Sample
 from visiontune.data.transforms import Preprocessing
 
 MAX_PIXELS = 10_000

@@ -18,7 +18,7 @@ from visiontune.data.images import (
     load_rgb,
     to_rgb,
 )
-from visiontune.data.sources import Sample
+from visiontune.data.samples import Sample
 from visiontune.data.validate import scan
 
 LIMIT = 1_000_000  # max_pixels for files that are not about the limit
@@ -263,7 +263,8 @@ def test_unreadable_permissions_are_named(tmp_path):
 
 
 def test_symlink_loops_and_dangling_links_are_listed_and_named(tmp_path):
-    from visiontune.data.sources import Sample, list_image_files
+    from visiontune.data.samples import Sample
+    from visiontune.data.sources import list_image_files
     from visiontune.data.validate import scan
 
     saved(noisy((8, 8)), tmp_path / "real.png")

@@ -8,8 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.conftest import colour_image, write_class_folders
 
+from tests.conftest import colour_image, write_class_folders
 from visiontune.data.sources import discover
 from visiontune.data.splits import TooFewImagesError, split_sizes, write_splits_csv
 from visiontune.errors import UserError

@@ -8,7 +8,12 @@ import torch
 from torchvision.transforms import v2
 
 from tests.conftest import COLOURS, colour_image
-from visiontune.data.transforms import AUGMENT_PRESETS, CROP_SCALES, Preprocessing, RandomQuarterTurn
+from visiontune.data.transforms import (
+    AUGMENT_PRESETS,
+    CROP_SCALES,
+    Preprocessing,
+    RandomQuarterTurn,
+)
 
 PRE = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)
 # Half a uint8 step, in normalised units: the most the erasing colour can differ by rounding.

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import colour_image, write_class_folders
 from PIL import Image
 
+from tests.conftest import colour_image, write_class_folders
 from visiontune.data.validate import check_data
 
 BOMB_LIMIT = 10_000  # max_pixels used with the 300x300 "bomb" (90,000 px); others are <= 2,500 px

@@ -11,7 +11,8 @@ from torch import nn
 
 from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError
-from visiontune.explain import default_layer, gradcam, model_view, overlay
+from visiontune.explain.cam import default_layer, gradcam
+from visiontune.explain.overlay import model_view, overlay
 
 
 def timm_model(name: str) -> nn.Module:

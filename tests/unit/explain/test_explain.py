@@ -18,7 +18,10 @@ import visiontune
 from tests.conftest import TINY_MODEL, TINY_OPTIONS
 from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError
-from visiontune.explain import explain, gradcam, lime_map, model_view
+from visiontune.explain.cam import gradcam
+from visiontune.explain.explainer import explain
+from visiontune.explain.lime import lime_map
+from visiontune.explain.overlay import model_view
 
 SIZE = 192  # model input: test_resnet's last stage is a 6 x 6 map of 32-pixel cells
 SQUARE = 64  # 2 x 2 cells, aligned with them; 1/9 of the image

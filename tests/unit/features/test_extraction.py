@@ -13,8 +13,9 @@ from tests.conftest import TINY_MODEL, TINY_OPTIONS, write_class_folders
 from visiontune.data.images import load_rgb
 from visiontune.data.sources import discover
 from visiontune.errors import UserError
-from visiontune.features import extract, load_features
 from visiontune.features import store as feature_store
+from visiontune.features.extraction import extract
+from visiontune.features.store import load_features
 from visiontune.training.finetune import fit
 
 TINY = {"model": TINY_MODEL, "pretrained": False, "image_size": 32, "workers": 0, "threads": 1}
@@ -117,7 +118,7 @@ def test_features_of_a_run_equal_its_backbone_run_directly(tmp_path):
 
 
 def test_a_list_of_files_gives_unlabelled_unsplit_rows_that_probe_refuses(colours, tmp_path):
-    from visiontune.features import probe
+    from visiontune.features.probes import probe
 
     files = sorted(str(p) for p in (colours / "red").glob("*.png"))[:3]
     result = extract([*files, colours / "blue"], out=tmp_path / "list.npz", project_dim=3, projection="pca", **TINY)

@@ -16,7 +16,7 @@ from tests.conftest import TINY_MODEL, write_class_folders
 from visiontune.cli.main import app, main
 from visiontune.data.sources import discover
 from visiontune.errors import UserError
-from visiontune.features import probe
+from visiontune.features.probes import probe
 
 TINY = {"model": TINY_MODEL, "pretrained": False, "image_size": 32, "workers": 0, "threads": 1}
 

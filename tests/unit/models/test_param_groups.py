@@ -8,7 +8,11 @@ import torch
 from torch import nn
 
 from visiontune.errors import UserError
-from visiontune.models.param_groups import apply_freezing, build_param_groups, fixed_parameter_names
+from visiontune.models.param_groups import (
+    apply_freezing,
+    build_param_groups,
+    fixed_parameter_names,
+)
 
 EARLY = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")
 

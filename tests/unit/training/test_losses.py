@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from visiontune.training.losses import ClassificationLoss, class_weights_for
+from visiontune.models.losses import ClassificationLoss, class_weights_for
 
 C = 4
 

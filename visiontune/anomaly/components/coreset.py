@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from visiontune.anomaly.components import one_thread
+from visiontune.anomaly.components.threads import one_thread
 
 # Rows x selected centres per block when computing nearest distances: 2^24 floats = 64 MiB.
 BLOCK_ELEMENTS = 2**24

@@ -1,6 +1,6 @@
 """Which backbone layers the detectors use, and patch embeddings made from their feature maps.
 
-The extractor itself is `visiontune.features.extractor` (shared with `features` and `probe`). By
+The extractor itself is `visiontune.models.extractor` (shared with `features` and `probe`). By
 default layers are chosen by their stride, so any CNN in timm gets the levels the papers used for
 ResNets (stride 8 and 16 for PatchCore, 4 to 16 for PaDiM).
 """
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from visiontune.errors import UserError
-from visiontune.features.extractor import check_layers, feature_levels
+from visiontune.models.extractor import check_layers, feature_levels
 
 DEFAULT_STRIDES = {"patchcore": (8, 16), "padim": (4, 8, 16)}
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from visiontune.anomaly.components import one_thread
+from visiontune.anomaly.components.threads import one_thread
 
 # Positions per block for the in-place updates: bounds temporaries to a slice of the model.
 POSITION_BLOCK = 256

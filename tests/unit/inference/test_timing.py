@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from visiontune.bench.timing import time_call
+from visiontune.inference.timing import time_call
 
 
 class FakeWork:

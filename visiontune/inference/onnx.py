@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.errors import UserError
-from visiontune.training.checkpoint import atomic_write, write_text_atomic
+from visiontune.io import atomic_write, write_text_atomic
 
 QUANTIZE = (None, "int8")
 INPUT, OUTPUT = "images", "logits"
@@ -126,7 +127,6 @@ def export_run(run, quantize: str | None = None, calibration_images: int = 256, 
 
 def calibration_batches(paths: Sequence[str], transform, max_pixels: int, batch_size: int = 16) -> Iterator[np.ndarray]:
     """Preprocessed float32 NCHW batches of the readable images among `paths`."""
-    from visiontune.data.images import ImageLoadError, load_rgb
 
     batch: list[np.ndarray] = []
     for path in paths:

@@ -7,6 +7,7 @@ weights` means the same thing for every loss.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,3 +68,9 @@ def class_weights_for(counts: list[int]) -> torch.Tensor:
     """n / (C * n_c): the 'balanced' weights of scikit-learn."""
     counts_t = torch.tensor(counts, dtype=torch.float32).clamp_min(1)
     return counts_t.sum() / (len(counts) * counts_t)
+
+
+def probabilities(logits: np.ndarray, loss: str, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities the way the run's loss defines them, after temperature scaling."""
+    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / temperature
+    return ClassificationLoss(loss, num_classes=scaled.shape[1]).probabilities(scaled).numpy()

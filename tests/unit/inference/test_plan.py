@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from visiontune.errors import UserError
-from visiontune.evaluation import inference
-from visiontune.evaluation.inference import CPU_BATCH, CUDA_BATCH, plan_inference
+from visiontune.inference import engine as inference
+from visiontune.inference.engine import CPU_BATCH, CUDA_BATCH, plan_inference
 
 
 def test_cpu_plan_is_small_channels_last_fp32_batches():

@@ -27,7 +27,7 @@ from visiontune.anomaly.data import GOOD, LabelledImage, load_mask
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.validate import Skipped
 from visiontune.errors import UserError
-from visiontune.training.checkpoint import write_text_atomic
+from visiontune.io import write_text_atomic
 
 MAX_FPR = 0.3
 GALLERY = 8  # worst misses and false alarms shown in the report

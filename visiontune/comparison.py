@@ -23,16 +23,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from visiontune.bench.timing import time_call
+from visiontune.inference.timing import time_call
 from visiontune.config import TrainConfig, build_config, config_for
 from visiontune.data.sources import discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
+from visiontune.io import atomic_write, write_text_atomic
 from visiontune.locking import locked_dir
 from visiontune.models.backbones import check_weights_available
 from visiontune.run import Run
-from visiontune.training.checkpoint import atomic_write, load_state, write_text_atomic
+from visiontune.training.checkpoint import load_state
 from visiontune.training.finetune import STATE_FILE, fit
 
 COLUMNS = (

@@ -7,8 +7,6 @@ init, with the same single error when none can be had; or they come from a fine-
 
 from __future__ import annotations
 
-import copy
-import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +15,6 @@ import numpy as np
 import timm
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.data import DataLoader
 
 from visiontune.data.dataset import ImageFiles, collate_image_files
@@ -28,7 +25,8 @@ from visiontune.models.backbones import (
     load_backbone_weights,
     load_weights_file,
 )
-from visiontune.run import Run
+from visiontune.models.batchnorm import folded_copy
+from visiontune.models.classifier_run import ClassifierRun
 
 POOLS = ("avg", "max", "none")
 
@@ -95,33 +93,6 @@ class FeatureExtractor(nn.Module):
         return folded if same else self
 
 
-def folded_copy(model: nn.Module) -> nn.Module | None:
-    """A deep copy with its BatchNorms folded (`fold_batch_norms`), or None when none folds."""
-    folded = copy.deepcopy(model)
-    return folded if fold_batch_norms(folded) else None
-
-
-def fold_batch_norms(model: nn.Module) -> int:
-    """Fold BatchNorms into the convolution registered just before them (timm's CNNs register
-    them in execution order); a BatchNormAct2d leaves its dropout and activation in its place.
-    Returns how many were folded; callers check the output is unchanged before trusting it."""
-    count = 0
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        for (_, conv), (name, norm) in itertools.pairwise(children):
-            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
-                    and norm.num_features == conv.out_channels and norm.track_running_stats):
-                continue
-            weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
-            bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
-            conv.weight, conv.bias = fuse_conv_bn_weights(
-                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, weight, bias)
-            rest = [module for module in (getattr(norm, "drop", None), getattr(norm, "act", None)) if module is not None]
-            setattr(parent, name, nn.Sequential(*rest) if rest else nn.Identity())
-            count += 1
-    return count
-
-
 def create_extractor(backbone: str, layers: list[str], pretrained: bool, weights: str | Path | None,
                      seed: int) -> FeatureExtractor:
     """A FeatureExtractor with weights from `weights`, the cache / hub, or seeded random init."""
@@ -138,7 +109,7 @@ def create_extractor(backbone: str, layers: list[str], pretrained: bool, weights
         return FeatureExtractor(backbone, layers)
 
 
-def run_extractor(run: Run, layers: list[str], which: str = "best") -> FeatureExtractor:
+def run_extractor(run: ClassifierRun, layers: list[str], which: str = "best") -> FeatureExtractor:
     """The fine-tuned backbone of a run directory (its classifier head is dropped)."""
     state = run.load_model(which).state_dict()
     return FeatureExtractor(run.metadata["model"], layers, {"state_dict": state}, pretrained=True)

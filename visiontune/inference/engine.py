@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from visiontune.data.dataset import ImageFiles, collate_image_files, default_workers
-from visiontune.data.sources import list_image_files
 from visiontune.devices import plan_cpu
 from visiontune.errors import UserError
-from visiontune.training.losses import ClassificationLoss
+from visiontune.inference.onnx import OnnxModel, export_run
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +108,6 @@ def load_for_inference(run, plan: InferencePlan, fallback: bool = False) -> tupl
     runs in torch instead, with a warning, and the returned plan says so.
     """
     if plan.backend == "onnx":
-        from visiontune.export.onnx import OnnxModel, export_run
-
         try:
             return OnnxModel(export_run(run, plan.quantize), plan.threads), plan
         except Exception as exc:
@@ -168,33 +163,4 @@ def iter_logits(
                 logits = out.float().cpu().numpy()
             yield PredictedBatch([paths[i] for i in indices], logits, [(paths[i], r) for i, r in bad])
 
-
-def probabilities(logits: np.ndarray, loss: str, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities the way the run's loss defines them, after temperature scaling."""
-    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / temperature
-    return ClassificationLoss(loss, num_classes=scaled.shape[1]).probabilities(scaled).numpy()
-
-
-def require_some_read(done: int, skipped: int, verb: str) -> None:
-    """The rule of every command that takes images (predict, explain, anomaly predict): a missing
-    path or no image file at all is an error up front (`expand_image_paths`); unreadable files are
-    listed, not fatal; but a command that could read none of them failed, and says so (exit 2)."""
-    if done == 0:
-        raise UserError(f"none of the {skipped} image file(s) could be read, so nothing was {verb}")
-
-
-def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[str]:
-    """Files as given, folders searched recursively for image files (hidden ones skipped)."""
-    found: list[str] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found += [str(p) for p in list_image_files(path)]
-        elif path.is_file():
-            found.append(str(path))
-        else:
-            raise UserError(f"no such file or folder: {path}")
-    if not found:
-        raise UserError("no image files found in " + ", ".join(map(str, inputs)))
-    return found
 

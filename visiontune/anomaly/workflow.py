@@ -1,0 +1,172 @@
+"""fit / load / predict / evaluate of anomaly models: the glue between files and the detectors."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from visiontune.anomaly.base import AnomalyModel, read_model_files
+from visiontune.anomaly.calibration import folds_for
+from visiontune.anomaly.components.anomaly_map import heatmap_overlay
+from visiontune.anomaly.components.features import resolve_layers
+from visiontune.anomaly.data import (
+    DEFAULT_MAX_PIXELS,
+    GOOD,
+    good_images,
+    input_paths,
+    labelled_images,
+)
+from visiontune.anomaly.evaluation import evaluate_model
+from visiontune.anomaly.padim import Padim
+from visiontune.anomaly.patchcore import PatchCore
+from visiontune.data.dataset import default_workers
+from visiontune.data.images import ImageLoadError, load_rgb
+from visiontune.data.transforms import Preprocessing
+from visiontune.errors import UserError
+from visiontune.io import write_text_atomic
+from visiontune.locking import locked_dir
+from visiontune.models.backbones import check_weights_available
+from visiontune.models.extractor import create_extractor
+
+DETECTORS = {"patchcore": PatchCore, "padim": Padim}
+CSV_COLUMNS = ("path", "score", "decision", "threshold", "heatmap", "reason")
+
+
+def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] | None = None, image_size: int | None = None, coreset_ratio: float = 0.01,
+        n_features: int | None = None, weights: str | Path | None = None, pretrained: bool = True,
+        defects: str | Path | None = None, holdout_fraction: float = 0.1, false_alarm_rate: float = 0.01,
+        out: str | Path | None = None, batch_size: int = 16, workers: int | None = None,
+        device: str = "auto", seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+        chunk_patches: int = 2**16, calibration: str = "auto") -> AnomalyModel:
+    """Fit `method` on the good images in `good` (a folder, or an MVTec AD category root).
+
+    The threshold is the (1 - false_alarm_rate) quantile of good images' scores, or, with a folder
+    of labelled `defects`, the F1-optimal threshold over both. The good scores are out-of-fold
+    scores of all training images (`calibration="kfold"`, the "auto" choice below 100 images) or
+    those of `holdout_fraction` of them kept out of the fit ("holdout"). Saved to `out` when given.
+    """
+    if method not in DETECTORS:
+        raise UserError(f"unknown method {method!r}; use patchcore or padim")
+    folds_for(calibration, 0)  # a misspelt choice stops before any work
+    _check_options(coreset_ratio, holdout_fraction, false_alarm_rate, image_size, batch_size)
+    check_weights_available(backbone, pretrained, weights)
+    with ExitStack() as stack:
+        if out is not None:
+            stack.enter_context(locked_dir(out))  # one writer per directory, for the whole fit
+            if (Path(out) / "model.json").exists():
+                raise UserError(f"{out} already holds a model; pass another --out or remove it")
+        layers = resolve_layers(backbone, list(layers) if layers else None, method)
+        files = good_images(good)
+        defect_files = input_paths([defects]) if defects is not None else []
+        folds = folds_for(calibration, len(files))
+        train, holdout = (files, []) if folds else split_holdout(files, holdout_fraction, seed)
+        extractor = create_extractor(backbone, layers, pretrained, weights, seed)
+        if method == "patchcore":
+            detector = PatchCore(coreset_ratio=coreset_ratio, chunk_patches=chunk_patches, seed=seed)
+        else:
+            detector = Padim(n_features=n_features, seed=seed)
+        model = AnomalyModel(extractor, detector, Preprocessing.from_model(extractor.model, image_size),
+                             batch_size=batch_size, workers=_workers(workers), max_pixels=max_pixels, device=device)
+        model.fit(train, holdout, defect_files, false_alarm_rate, folds=folds, seed=seed)
+        if out is not None:
+            model.save(out)
+    return model
+
+
+def load(directory: str | Path, *, device: str = "auto", batch_size: int = 16, workers: int | None = None,
+         max_pixels: int = DEFAULT_MAX_PIXELS) -> AnomalyModel:
+    """A model directory written by `fit`, with the same scores as when it was saved."""
+    info, tensors = read_model_files(directory)
+    if info.get("method") not in DETECTORS:
+        raise UserError(f"{directory}: unknown method {info.get('method')!r}")
+    detector = DETECTORS[info["method"]](**info["detector"])
+    return AnomalyModel.restore(info, tensors, detector, batch_size=batch_size, workers=_workers(workers),
+                                max_pixels=max_pixels, device=device)
+
+
+def predict(model: str | Path | AnomalyModel, paths: Sequence[str | Path], *, out: str | Path | None = None,
+            heatmaps: str | Path | None = None, **load_options) -> list[dict]:
+    """One row per input image (folders are searched): score, decision at the saved threshold, and
+    the heat-map file when `heatmaps` is a folder; unreadable files are rows with their reason."""
+    model = model if isinstance(model, AnomalyModel) else load(model, **load_options)
+    files = input_paths(paths)
+    heat_dir = Path(heatmaps) if heatmaps is not None else None
+    rows: dict[str, dict] = {}
+    for part in model.score_batches(files):
+        for path, score, anomaly_map in zip(part.paths, part.scores, part.maps):
+            decision = "anomalous" if score >= model.threshold_ else GOOD
+            row = {"path": str(path), "score": float(score), "decision": decision, "threshold": model.threshold_}
+            if heat_dir is not None:
+                row.update(_write_heatmap(model, path, anomaly_map, heat_dir, len(rows)))
+            rows[str(path)] = row
+        for skipped in part.skipped:
+            rows[skipped.path] = {"path": skipped.path, "decision": "skipped", "reason": skipped.reason}
+    ordered = [rows[str(path)] for path in files]
+    if out is not None:
+        write_text_atomic(Path(out), _csv_text(ordered))
+    return ordered
+
+
+def evaluate(model: str | Path | AnomalyModel, data: str | Path, *, out: str | Path | None = None,
+             **load_options) -> dict:
+    """Image AUROC, F1 at the saved and at the best threshold, pixel AUROC and AUPRO when masks
+    exist, per-defect-type rows; with `out`, also `out/metrics.json` and `out/report.html`."""
+    model = model if isinstance(model, AnomalyModel) else load(model, **load_options)
+    images = labelled_images(data)
+    return evaluate_model(model, images, Path(out) if out is not None else None)
+
+
+def split_holdout(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(train, held-out good) by a seeded shuffle; at least one held out and two to train on."""
+    held = max(1, round(fraction * len(files)))
+    if len(files) - held < 2:
+        raise UserError(f"need at least 3 good images (2 to fit, 1 held out for the threshold), got {len(files)}")
+    order = np.random.default_rng(seed).permutation(len(files))
+    holdout = set(order[:held].tolist())
+    return ([f for i, f in enumerate(files) if i not in holdout], [f for i, f in enumerate(files) if i in holdout])
+
+
+def _check_options(coreset_ratio: float, holdout_fraction: float, false_alarm_rate: float,
+                   image_size: int | None, batch_size: int) -> None:
+    checks = [
+        (0 < coreset_ratio <= 1, f"--coreset-ratio must be in (0, 1], got {coreset_ratio}"),
+        (0 < holdout_fraction < 1, f"--holdout-fraction must be in (0, 1), got {holdout_fraction}"),
+        (0 <= false_alarm_rate < 1, f"--false-alarm-rate must be in [0, 1), got {false_alarm_rate}"),
+        (image_size is None or image_size >= 32, f"--image-size must be at least 32, got {image_size}"),
+        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def _workers(workers: int | None) -> int:
+    return default_workers() if workers is None else workers
+
+
+def _write_heatmap(model: AnomalyModel, path: Path, anomaly_map: np.ndarray, folder: Path, number: int) -> dict:
+    try:
+        image = load_rgb(path, model.max_pixels)
+    except ImageLoadError as exc:  # readable a moment ago; changed on disk since
+        return {"reason": f"heatmap not written: {exc}"}
+    target = folder / f"{number:05d}_{path.stem}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    heatmap_overlay(image, anomaly_map, *model.map_range_).save(target)
+    return {"heatmap": str(target)}
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+__all__ = ["AnomalyModel", "Padim", "PatchCore", "evaluate", "fit", "load", "predict", "split_holdout"]

@@ -1,1 +1,0 @@
-"""Exporting a run's model for other runtimes (ONNX, optionally int8)."""
