@@ -216,7 +216,7 @@ def accuracy(result: dict, size: int, data: Path) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from visiontune.anomaly.data import load_mask
-    from visiontune.anomaly.evaluation import aupro
+    from visiontune.anomaly.metrics import aupro
 
     paths = [Path(p) for p in result["paths"]]
     labels = np.array([p.parent.name != "good" for p in paths])

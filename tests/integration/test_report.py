@@ -14,6 +14,7 @@ import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.evaluation.report import SECTIONS
 
+HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 # Flags for a closed network and a root user, as documented for this environment.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,6 +32,7 @@ def report(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     data = write_class_folders(root / "data", {"blue": 12, "red": 12})
     (data / "red" / "broken.png").write_bytes(b"broken")
+    (data / "red" / HOSTILE_NAME).write_bytes(b"broken")  # a file name is user input: shown, never run
     run = visiontune.fit(data, out=str(root / "run"), **{**TINY_OPTIONS, "report": True})
     return run.dir / "report.html"
 
@@ -40,6 +42,7 @@ def test_report_is_self_contained(report):
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "the report must not load anything"
     assert html.count("data:image/png;base64,") >= 5  # curves, confusion, losses, best, reliability, roc
     assert "broken.png" in html and "not a readable image" in html
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in html and "<img src=x" not in html
     for section in SECTIONS:
         assert f'id="{section}"' in html
     explanations = html[html.index('id="explanations"'):html.index('id="timings"')]

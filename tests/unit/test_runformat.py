@@ -4,16 +4,22 @@ naming the right one, and a newer format asks for an upgrade."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-import sys
 
 import visiontune
 from visiontune import anomaly
 from visiontune.cli.main import main
 from visiontune.errors import UserError
-from visiontune.runformat import FORMAT_VERSION, LEGACY_ANOMALY_FORMAT, WrongArtifactError, meta_fields, read_meta
+from visiontune.runformat import (
+    FORMAT_VERSION,
+    LEGACY_ANOMALY_FORMAT,
+    WrongArtifactError,
+    meta_fields,
+    read_meta,
+)
 
 CLASSIFIER = {"model": "resnet10t", "labels": ["a", "b"], "preprocessing": {}, "loss": "ce"}
 ANOMALY = {"method": "patchcore", "backbone": "resnet18", "layers": ["layer2"]}

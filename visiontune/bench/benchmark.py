@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from visiontune.inference.timing import time_call
 from visiontune.data.paths import expand_image_paths
 from visiontune.data.transforms import Preprocessing
 from visiontune.devices import resolve_device
@@ -35,6 +34,7 @@ from visiontune.inference.onnx import (
     export_run,
     quantize_int8,
 )
+from visiontune.inference.timing import time_call
 from visiontune.models.backbones import create_classifier
 from visiontune.models.classifier_run import ClassifierRun
 

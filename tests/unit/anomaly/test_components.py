@@ -18,7 +18,7 @@ from visiontune.anomaly.components.threshold import (
     choose_threshold,
     good_quantile_threshold,
 )
-from visiontune.anomaly.evaluation import aupro
+from visiontune.anomaly.metrics import aupro
 from visiontune.anomaly.patchcore import PatchCore
 from visiontune.errors import UserError
 from visiontune.models.extractor import create_extractor
