@@ -33,7 +33,8 @@ from visiontune.locking import locked_dir
 from visiontune.models.backbones import check_weights_available
 from visiontune.run import Run
 from visiontune.training.checkpoint import atomic_write, load_state, write_text_atomic
-from visiontune.training.finetune import STATE_FILE, fit
+from visiontune.training.finetune import fit
+from visiontune.training.setup import STATE_FILE
 
 COLUMNS = (
     "model", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1_macro", "f1_macro_ci_low",

@@ -117,8 +117,8 @@ def test_lr_follows_schedule_and_discriminative_rates(binary_folder, tmp_path):
     seen = []
 
     class Capture:
-        def on_epoch_end(self, tuner, record):
-            seen.append({g["name"]: g["lr"] for g in tuner.optimizer.param_groups})
+        def on_epoch_end(self, trainer, record):
+            seen.append({g["name"]: g["lr"] for g in trainer.setup.optimizer.param_groups})
 
     visiontune.fit(binary_folder, out=str(tmp_path / "run"), callbacks=[Capture()],
                    **{**TINY_OPTIONS, "epochs": 3, "lr": 1e-2, "lr_mult": 20, "schedule": "cosine"})
@@ -138,8 +138,8 @@ def test_partial_freezing_keeps_early_stages_fixed(binary_folder, tmp_path):
     seen = {}
 
     class Capture:
-        def on_epoch_end(self, tuner, record):
-            seen.update({n: p.requires_grad for n, p in tuner.model.named_parameters()})
+        def on_epoch_end(self, trainer, record):
+            seen.update({n: p.requires_grad for n, p in trainer.setup.model.named_parameters()})
 
     visiontune.fit(binary_folder, out=str(tmp_path / "run"), callbacks=[Capture()], unfreeze_from="layer2",
                    **{**TINY_OPTIONS, "freeze_epochs": 0, "epochs": 1, "train_bn": False})

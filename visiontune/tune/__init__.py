@@ -31,7 +31,8 @@ from visiontune.errors import UserError
 from visiontune.locking import locked_dir
 from visiontune.run import Run
 from visiontune.training.checkpoint import atomic_write, write_text_atomic
-from visiontune.training.finetune import STATE_FILE, fit
+from visiontune.training.finetune import fit
+from visiontune.training.setup import STATE_FILE
 from visiontune.tune.outputs import (
     best_trial,
     importances,
