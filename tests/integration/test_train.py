@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,14 @@ def test_run_directory_has_every_artifact(binary_folder, tmp_path):
     rows = read_metrics(run)
     assert [r["stage"] for r in rows] == ["frozen", "unfrozen"]
     assert set(rows[0]) >= {"epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_f1_macro"}
+
+
+def test_run_description_files_are_written_atomically(binary_folder, tmp_path, monkeypatch):
+    """config.yaml, labels.json and model.json are moved into place whole: never seen half-written."""
+    moved, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: moved.append(Path(dst).name) or real_replace(src, dst))
+    fit(binary_folder, tmp_path, epochs=1)
+    assert {"config.yaml", "labels.json", "model.json"} <= set(moved)
 
 
 def test_splits_csv_is_complete_and_reproduces_the_run(binary_folder, tmp_path):

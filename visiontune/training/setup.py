@@ -39,6 +39,7 @@ from visiontune.locking import is_only_lock
 from visiontune.models.backbones import check_weights_available, create_classifier
 from visiontune.models.param_groups import apply_freezing, build_param_groups, fixed_parameter_names
 from visiontune.models.probe_heads import PROBE_SCORES, load_linear_head, select_classifier
+from visiontune.training.checkpoint import atomic_write, write_text_atomic
 from visiontune.training.feature_cache import FeatureSet, extract_features, fits_in_memory
 from visiontune.training.losses import ClassificationLoss, class_weights_for
 
@@ -299,10 +300,11 @@ def _metadata(cfg: TrainConfig, labels: list[str], pre: Preprocessing) -> dict:
 
 
 def _write_run_files(cfg: TrainConfig, run_dir: Path, scanned: ScanResult, labels: list[str], metadata: dict) -> None:
-    cfg.to_yaml(run_dir / "config.yaml")
+    """Atomically: a run directory never holds half a config.yaml, labels.json or model.json."""
+    atomic_write(run_dir / "config.yaml", lambda tmp: cfg.to_yaml(Path(tmp)))
     write_splits_csv(scanned.readable, run_dir / "splits.csv")
-    (run_dir / "labels.json").write_text(json.dumps(labels, indent=2))
-    (run_dir / "model.json").write_text(json.dumps(metadata, indent=2))
+    write_text_atomic(run_dir / "labels.json", json.dumps(labels, indent=2))
+    write_text_atomic(run_dir / "model.json", json.dumps(metadata, indent=2))
 
 
 def _train_sampler(cfg: TrainConfig, train_ds: ImageDataset, counts: list[int], generator: torch.Generator) -> Sampler:
