@@ -23,18 +23,15 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from visiontune.bench.timing import time_call
 from visiontune.config import TrainConfig, build_config, config_for
-from visiontune.data.sources import discover
-from visiontune.data.splits import write_splits_csv
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
-from visiontune.inference.timing import time_call
 from visiontune.io import atomic_write, write_text_atomic
 from visiontune.locking import locked_dir
 from visiontune.models.backbones import check_weights_available
 from visiontune.run import Run
-from visiontune.training.checkpoint import load_state
-from visiontune.training.finetune import STATE_FILE, fit
+from visiontune.training.reuse import split_once, train_or_reuse
 
 COLUMNS = (
     "model", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1_macro", "f1_macro_ci_low",
@@ -95,7 +92,8 @@ def compare(
             run_dir = out_dir / "runs" / name.replace("/", "_")
             wanted = build_config({**base.model_dump(exclude_unset=True), "data": str(splits), "model": name, "out": str(run_dir)})
             console.print(f"[bold]{name}[/bold] -> {run_dir}")
-            runs[name] = _train_or_reuse(wanted, run_dir, progress, console)
+            skip = PER_RUN_FIELDS | ({"lr"} if wanted.lr == "auto" else set())
+            runs[name] = train_or_reuse(wanted, run_dir, progress, console, same_except=skip)
         metrics = {name: _test_metrics(run, base) for name, run in runs.items()}
         speed, machine = _time_inference(runs, base, timing_batch, timing_repeats)
         rows = [_row(name, runs[name], metrics[name], speed[name], timing_batch) for name in names]
@@ -116,32 +114,13 @@ def _model_names(models: str | list[str]) -> list[str]:
 
 def _shared_split(cfg: TrainConfig, out_dir: Path, console: Console) -> Path:
     """OUT/splits.csv: made once, then the data source of every run (reused when OUT is reused)."""
-    path = out_dir / "splits.csv"
-    if path.is_file():
+    path, samples, reused = split_once(cfg, out_dir)
+    if reused:
         console.print(f"reusing the split in {path}")
-        return path
-    source = discover(cfg.data, cfg.label_regex, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    if not any(s.split == "test" for s in source.samples):
+    if not any(s.split == "test" for s in samples):
         raise UserError("compare evaluates every model on a held-out test split, and this data has none; "
                         "set --test-fraction above 0 or add a test/ folder")
-    atomic_write(path, lambda tmp: write_splits_csv(source.samples, Path(tmp)))
     return path
-
-
-def _train_or_reuse(wanted: TrainConfig, run_dir: Path, progress: bool, console: Console) -> Run:
-    state = run_dir / STATE_FILE
-    if not state.is_file():
-        return fit(config=wanted, progress=progress)
-    done = TrainConfig.from_yaml(run_dir / "config.yaml")
-    skip = PER_RUN_FIELDS | ({"lr"} if wanted.lr == "auto" else set())
-    changed = [k for k in TrainConfig.model_fields if k not in skip and getattr(done, k) != getattr(wanted, k)]
-    if changed:
-        detail = ", ".join(f"{k}: {getattr(done, k)!r} there, {getattr(wanted, k)!r} now" for k in changed[:3])
-        raise UserError(f"{run_dir} was trained with other options ({detail}); choose another --out")
-    if load_state(state).get("finished"):
-        console.print("already trained; reusing it")
-        return Run(run_dir)
-    return fit(resume=run_dir, progress=progress)
 
 
 def _test_metrics(run: Run, cfg: TrainConfig) -> dict:

@@ -35,6 +35,8 @@ Device = Literal["auto", "cpu", "cuda"]
 Monitor = Literal["val_loss", "val_accuracy", "val_f1_macro"]
 
 
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit, for every command that decodes images
+
 class TrainConfig(BaseModel):
     """Everything that decides a training run. `None` means "the model's / machine's default"."""
 
@@ -47,7 +49,7 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation share when splitting.")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="Test share when splitting.")
     max_pixels: int = Field(
-        89_478_485, gt=0, description="Images with more pixels are skipped (decompression bombs)."
+        DEFAULT_MAX_PIXELS, gt=0, description="Images with more pixels are skipped (decompression bombs)."
     )
 
     model: str = Field("resnet50", description="Any timm model name.")

@@ -7,7 +7,9 @@ disk is one message naming the file instead of a writer's own words.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import shutil
@@ -80,6 +82,19 @@ def _umask() -> int:
 
 def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_csv_atomic(path: Path, fieldnames: list[str], rows: list[dict] | list[list]) -> None:
+    """A CSV with a header row; rows are dicts keyed by `fieldnames` or plain lists."""
+    text = io.StringIO()
+    if rows and isinstance(rows[0], dict):
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+    else:
+        writer = csv.writer(text)
+        writer.writerow(fieldnames)
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue(), encoding="utf-8", newline=""))
 
 
 def write_json_atomic(path: Path, value: object) -> None:

@@ -28,12 +28,12 @@ class Snapshot:
     def __init__(self, stop_after: int | None = None) -> None:
         self.stop_after, self.epochs = stop_after, {}
 
-    def on_epoch_end(self, tuner, record):
-        optimizer = tuner.optimizer
+    def on_epoch_end(self, trainer, record):
+        optimizer = trainer.setup.optimizer
         head_param = next(p for g in optimizer.param_groups if g["name"] == "head" for p in g["params"])
         self.epochs[record["epoch"]] = {
-            "stage": tuner.stage_of(record["epoch"] - 1)[0],
-            "requires_grad": {n: p.requires_grad for n, p in tuner.model.named_parameters()},
+            "stage": trainer.setup.stage_of(record["epoch"] - 1)[0],
+            "requires_grad": {n: p.requires_grad for n, p in trainer.setup.model.named_parameters()},
             "groups": [(g["name"], len(g["params"]), g["lr"], g["weight_decay"]) for g in optimizer.param_groups],
             "step": float(optimizer.state[head_param]["step"]),
             "val_loss": record["val_loss"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def test_run_directory_has_every_artifact(binary_folder, tmp_path):
     rows = read_metrics(run)
     assert [r["stage"] for r in rows] == ["frozen", "unfrozen"]
     assert set(rows[0]) >= {"epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_f1_macro"}
+
+
+def test_run_description_files_are_written_atomically(binary_folder, tmp_path, monkeypatch):
+    """config.yaml, labels.json and model.json are moved into place whole: never seen half-written."""
+    moved, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: moved.append(Path(dst).name) or real_replace(src, dst))
+    fit(binary_folder, tmp_path, epochs=1)
+    assert {"config.yaml", "labels.json", "model.json"} <= set(moved)
 
 
 def test_splits_csv_is_complete_and_reproduces_the_run(binary_folder, tmp_path):
@@ -122,8 +131,8 @@ def test_lr_follows_schedule_and_discriminative_rates(binary_folder, tmp_path):
     seen = []
 
     class Capture:
-        def on_epoch_end(self, tuner, record):
-            seen.append({g["name"]: g["lr"] for g in tuner.optimizer.param_groups})
+        def on_epoch_end(self, trainer, record):
+            seen.append({g["name"]: g["lr"] for g in trainer.setup.optimizer.param_groups})
 
     visiontune.fit(binary_folder, out=str(tmp_path / "run"), callbacks=[Capture()],
                    **{**TINY_OPTIONS, "epochs": 3, "lr": 1e-2, "lr_mult": 20, "schedule": "cosine"})
@@ -143,8 +152,8 @@ def test_partial_freezing_keeps_early_stages_fixed(binary_folder, tmp_path):
     seen = {}
 
     class Capture:
-        def on_epoch_end(self, tuner, record):
-            seen.update({n: p.requires_grad for n, p in tuner.model.named_parameters()})
+        def on_epoch_end(self, trainer, record):
+            seen.update({n: p.requires_grad for n, p in trainer.setup.model.named_parameters()})
 
     visiontune.fit(binary_folder, out=str(tmp_path / "run"), callbacks=[Capture()], unfreeze_from="layer2",
                    **{**TINY_OPTIONS, "freeze_epochs": 0, "epochs": 1, "train_bn": False})

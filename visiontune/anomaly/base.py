@@ -31,7 +31,8 @@ from visiontune.anomaly.calibration import (
 )
 from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
 from visiontune.anomaly.components.threshold import GOOD_QUANTILE, choose_threshold
-from visiontune.anomaly.data import DEFAULT_MAX_PIXELS, anomaly_transform
+from visiontune.anomaly.data import anomaly_transform
+from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import ImageFiles, collate_image_files
 from visiontune.data.transforms import Preprocessing
 from visiontune.data.validate import Skipped

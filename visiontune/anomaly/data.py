@@ -13,7 +13,6 @@ anomalous for image-level metrics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from visiontune.config import TrainConfig
 from visiontune.data.images import load_rgb
 from visiontune.data.sources import list_image_files
 from visiontune.data.transforms import Preprocessing
@@ -30,7 +28,6 @@ from visiontune.errors import UserError
 
 GOOD = "good"
 MASK_FOLDERS = ("ground_truth", "masks")
-DEFAULT_MAX_PIXELS = TrainConfig.model_fields["max_pixels"].default
 
 
 @dataclass(frozen=True)
@@ -53,22 +50,6 @@ def good_images(path: str | Path) -> list[Path]:
     if not files:
         raise UserError(f"no images found in {folder}")
     return files
-
-
-def input_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given and the images inside given folders; a missing path is a user error."""
-    found: list[Path] = []
-    for given in paths:
-        path = Path(given).expanduser()
-        if path.is_dir():
-            found += list_image_files(path)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise UserError(f"no such file or folder: {given}")
-    if not found:
-        raise UserError(f"no images found in {', '.join(map(str, paths))}")
-    return found
 
 
 def labelled_images(root: str | Path) -> list[LabelledImage]:

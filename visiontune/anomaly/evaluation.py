@@ -20,6 +20,7 @@ from visiontune.data.validate import Skipped
 from visiontune.errors import UserError
 from visiontune.io import write_text_atomic
 from visiontune.reporting.html import render_page
+from visiontune.runformat import REPORT_FILE
 
 GALLERY = 8  # worst misses and false alarms shown in the report
 OUTLINE = (0, 255, 0)
@@ -42,7 +43,7 @@ def evaluate_model(model: AnomalyModel, images: list[LabelledImage], out: Path |
     metrics["skipped"] = [vars(s) for s in scored.skipped + mask_skipped]
     if out is not None:
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        metrics["report"] = str(write_report(out / "report.html", model, kept, scored, masks, metrics))
+        metrics["report"] = str(write_report(out / REPORT_FILE, model, kept, scored, masks, metrics))
     return metrics
 
 

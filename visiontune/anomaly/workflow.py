@@ -15,23 +15,24 @@ from visiontune.anomaly.calibration import folds_for
 from visiontune.anomaly.components.anomaly_map import heatmap_overlay
 from visiontune.anomaly.components.features import resolve_layers
 from visiontune.anomaly.data import (
-    DEFAULT_MAX_PIXELS,
     GOOD,
     good_images,
-    input_paths,
     labelled_images,
 )
 from visiontune.anomaly.evaluation import evaluate_model
 from visiontune.anomaly.padim import Padim
 from visiontune.anomaly.patchcore import PatchCore
+from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import default_workers
 from visiontune.data.images import ImageLoadError, load_rgb
+from visiontune.data.paths import expand_image_paths
 from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError
-from visiontune.io import write_text_atomic
+from visiontune.io import atomic_write, write_text_atomic
 from visiontune.locking import locked_dir
 from visiontune.models.backbones import check_weights_available
 from visiontune.models.extractor import create_extractor
+from visiontune.runformat import META_FILE
 
 DETECTORS = {"patchcore": PatchCore, "padim": Padim}
 CSV_COLUMNS = ("path", "score", "decision", "threshold", "heatmap", "reason")
@@ -59,11 +60,11 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
     with ExitStack() as stack:
         if out is not None:
             stack.enter_context(locked_dir(out))  # one writer per directory, for the whole fit
-            if (Path(out) / "model.json").exists():
+            if (Path(out) / META_FILE).exists():
                 raise UserError(f"{out} already holds a model; pass another --out or remove it")
         layers = resolve_layers(backbone, list(layers) if layers else None, method)
         files = good_images(good)
-        defect_files = input_paths([defects]) if defects is not None else []
+        defect_files = [Path(p) for p in expand_image_paths([defects])] if defects is not None else []
         folds = folds_for(calibration, len(files))
         train, holdout = (files, []) if folds else split_holdout(files, holdout_fraction, seed)
         extractor = create_extractor(backbone, layers, pretrained, weights, seed)
@@ -95,7 +96,7 @@ def predict(model: str | Path | AnomalyModel, paths: Sequence[str | Path], *, ou
     """One row per input image (folders are searched): score, decision at the saved threshold, and
     the heat-map file when `heatmaps` is a folder; unreadable files are rows with their reason."""
     model = model if isinstance(model, AnomalyModel) else load(model, **load_options)
-    files = input_paths(paths)
+    files = [Path(p) for p in expand_image_paths(paths)]
     heat_dir = Path(heatmaps) if heatmaps is not None else None
     rows: dict[str, dict] = {}
     for part in model.score_batches(files):
@@ -156,8 +157,8 @@ def _write_heatmap(model: AnomalyModel, path: Path, anomaly_map: np.ndarray, fol
     except ImageLoadError as exc:  # readable a moment ago; changed on disk since
         return {"reason": f"heatmap not written: {exc}"}
     target = folder / f"{number:05d}_{path.stem}.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    heatmap_overlay(image, anomaly_map, *model.map_range_).save(target)
+    overlay = heatmap_overlay(image, anomaly_map, *model.map_range_)
+    atomic_write(target, lambda tmp: overlay.save(tmp, format="PNG"))
     return {"heatmap": str(target)}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.paths import expand_image_paths
 from visiontune.data.transforms import Preprocessing
 from visiontune.devices import resolve_device
@@ -37,6 +38,7 @@ from visiontune.inference.onnx import (
 from visiontune.inference.timing import time_call
 from visiontune.models.backbones import create_classifier
 from visiontune.models.classifier_run import ClassifierRun
+from visiontune.runformat import META_FILE
 
 COLUMNS = ("device", "mode", "batch_size", "images_per_s", "ms_per_image", "e2e_images_per_s",
            "e2e_ms_per_image", "peak_rss_mb", "cuda_max_allocated_mb")
@@ -49,7 +51,7 @@ class Subject:
     def __init__(self, model_or_run: str, weights: str | None = None) -> None:
         path = Path(model_or_run).expanduser()
         self.run = None
-        if (path / "model.json").is_file():
+        if (path / META_FILE).is_file():
             self.run = ClassifierRun(path)
             self.name, self.model = f"run {path}", self.run.load_model("best")
             self.preprocessing, self.max_pixels = self.run.preprocessing, self.run.config.max_pixels
@@ -58,7 +60,7 @@ class Subject:
             raise UserError(f"{model_or_run} is not a run directory (no model.json) and not a timm model name")
         self.name = model_or_run + ("" if weights else " (random init)")
         self.model = create_classifier(model_or_run, 2, pretrained=weights is not None, weights=weights).eval()
-        self.preprocessing, self.max_pixels = Preprocessing.from_model(self.model), 89_478_485
+        self.preprocessing, self.max_pixels = Preprocessing.from_model(self.model), DEFAULT_MAX_PIXELS
 
     def runner(self, plan: InferencePlan, images: Sequence[str], workdir: Path):
         """The module, or an ONNX Runtime model exported (and int8-calibrated on `images`) for it."""

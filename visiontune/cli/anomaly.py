@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from visiontune.anomaly.data import DEFAULT_MAX_PIXELS
+from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.errors import UserError
 
 anomaly_app = typer.Typer(

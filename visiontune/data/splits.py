@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from collections import defaultdict
 from dataclasses import replace
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from visiontune.data.samples import Sample
 from visiontune.errors import UserError
+from visiontune.io import write_csv_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -65,8 +65,5 @@ def canonical_order(samples: list[Sample]) -> list[Sample]:
 
 def write_splits_csv(samples: list[Sample], path: Path) -> None:
     """Absolute paths, so the file is itself a CSV data source that reproduces the run exactly."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
-        for sample in canonical_order(samples):
-            writer.writerow([sample.path, sample.label, sample.split])
+    rows = [[sample.path, sample.label, sample.split] for sample in canonical_order(samples)]
+    write_csv_atomic(path, ["path", "label", "split"], rows)

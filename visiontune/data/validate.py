@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import ImageInfo, ImageLoadError, inspect_image
 from visiontune.data.samples import Sample, SampleSet
 from visiontune.data.sources import discover
@@ -78,7 +79,7 @@ def check_data(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: int = 0,
-    max_pixels: int = 89_478_485,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = 32,
 ) -> DataReport:
     """Everything `visiontune check` reports, on the split `train` would use with these options."""

@@ -6,7 +6,6 @@ evaluated is only ever predicted. Outputs go to RUN/eval/<name>/.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from visiontune.evaluation import plots
 from visiontune.evaluation.calibration import fit_temperature
 from visiontune.explain.explainer import explain
 from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
-from visiontune.io import write_text_atomic
+from visiontune.io import write_csv_atomic, write_text_atomic
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.models.losses import probabilities
+from visiontune.runformat import SPLITS_FILE
 
 HONESTY_NOTE = (
     "Test and out-of-domain images are used for no choice: the checkpoint, the decision threshold and "
@@ -131,7 +131,7 @@ def _split_samples(run: ClassifierRun, split: str) -> list[tuple[str, int]]:
     if split not in ("train", "val", "test"):
         raise UserError(f"--split must be train, val or test, not {split!r}")
     index = {label: i for i, label in enumerate(run.labels)}
-    samples = [(s.path, index[s.label]) for s in discover(run.dir / "splits.csv").samples if s.split == split]
+    samples = [(s.path, index[s.label]) for s in discover(run.dir / SPLITS_FILE).samples if s.split == split]
     if not samples:
         raise UserError(f"the run has no {split} split; try --split val, or --data DIR for another folder")
     return samples
@@ -199,10 +199,7 @@ def write_predictions_csv(path: Path, paths: list[str], y_true: np.ndarray, prob
          "loss": float(losses[i]), **{f"p_{label}": float(probs[i, k]) for k, label in enumerate(labels)}}
         for i, (p, t, q) in enumerate(zip(paths, y_true, y_pred))
     ]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(path, list(rows[0]), rows)
     return rows, losses
 
 

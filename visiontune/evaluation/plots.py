@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 
 from visiontune.data.images import ImageLoadError, load_rgb  # noqa: E402
+from visiontune.io import atomic_write
 
 THUMBNAIL = 160
 # Fonts with CJK glyphs, tried glyph by glyph after DejaVu Sans when installed, so that class names
@@ -93,7 +94,7 @@ def _save(fig, path: Path) -> None:
     with plt.rc_context({"font.sans-serif": _sans_serif()}), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
         fig.tight_layout()
-        fig.savefig(path, format="png", dpi=90)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
 
 

@@ -19,7 +19,7 @@ from visiontune.data.paths import expand_image_paths
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
 from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
-from visiontune.io import atomic_write
+from visiontune.io import atomic_write, write_csv_atomic
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.models.losses import probabilities
 
@@ -99,10 +99,7 @@ def predict(
     atomic_write(out, write)
     if result.skipped:
         skipped_path = out.with_name(out.stem + ".skipped.csv")
-        with skipped_path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "skipped"])
-            writer.writeheader()
-            writer.writerows(result.skipped)
+        write_csv_atomic(skipped_path, ["path", "skipped"], result.skipped)
     return result
 
 

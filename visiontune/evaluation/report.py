@@ -14,16 +14,17 @@ from pathlib import Path
 from visiontune.evaluation.evaluate import HONESTY_NOTE
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.reporting.html import render_page
+from visiontune.runformat import METRICS_FILE, REPORT_FILE
 
 SECTIONS = ("config", "data", "training", "evaluation", "explanations", "timings")
 
 
 def write_report(run: ClassifierRun) -> Path:
     summary = run.summary
-    history = _read_csv(run.dir / "metrics.csv")
+    history = _read_csv(run.dir / METRICS_FILE)
     history_png = run.dir / "history.png"
     return render_page(
-        "classification.html", run.dir / "report.html",
+        "classification.html", run.dir / REPORT_FILE,
         title=f"visiontune report: {run.dir.name}", model=run.metadata["model"], labels=run.labels,
         device=summary.get("device", "?"), run_dir=str(run.dir),
         config={k: v for k, v in run.config.model_dump().items() if v is not None},

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from visiontune.data.transforms import Preprocessing
+from visiontune.io import atomic_write
 
 COLORMAP = "jet"
 MAX_ALPHA = 0.6
@@ -35,6 +36,5 @@ def overlay(view: np.ndarray, heat: np.ndarray, colormap: str = COLORMAP) -> Ima
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path

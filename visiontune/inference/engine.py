@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import ImageFiles, collate_image_files, default_workers
 from visiontune.devices import plan_cpu
 from visiontune.errors import UserError
@@ -124,7 +125,7 @@ def iter_logits(
     paths: Sequence[str],
     batch_size: int | None = None,
     workers: int | None = None,
-    max_pixels: int = 89_478_485,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     tta: bool = False,
     device: str | torch.device = "cpu",
     plan: InferencePlan | None = None,

@@ -25,6 +25,7 @@ from torch import nn
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.errors import UserError
 from visiontune.io import atomic_write, write_text_atomic
+from visiontune.runformat import SPLITS_FILE
 
 QUANTIZE = (None, "int8")
 INPUT, OUTPUT = "images", "logits"
@@ -145,7 +146,7 @@ def _calibration_paths(run, n: int, seed: int) -> list[str]:
     """A seeded sample of the run's training images (val and test stay unseen by calibration)."""
     import csv
 
-    with (run.dir / "splits.csv").open(newline="") as handle:
+    with (run.dir / SPLITS_FILE).open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("split") == "train"]
     paths = [str((run.dir / row["path"]) if not Path(row["path"]).is_absolute() else row["path"]) for row in rows]
     if not paths:

@@ -38,19 +38,37 @@ def create_classifier(
     reaches +-0.7), which stalls frozen-backbone training; a small normal init does not.
     """
     check_weights_available(name, pretrained, weights)
-    if weights is not None:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        load_backbone_weights(model, load_weights_file(weights))
-    elif pretrained:
-        cached = cached_pretrained_file(name)
-        overlay = {"file": cached} if cached else None
-        model = timm.create_model(
-            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
-        )
-    else:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    model = create_model(name, pretrained=pretrained, weights=weights, num_classes=num_classes)
     init_head(model)
     return model
+
+
+def create_model(name: str, *, pretrained: bool = False, weights: str | Path | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None, **timm_options) -> nn.Module:
+    """The one place a timm model is built, whatever it is for (a classifier, a `features_only`
+    extractor, a run's network, a shape probe on the meta device).
+
+    Weights come from `state_dict` (a fine-tuned run's), `weights` (a local file, checked like
+    train's), the timm / Hugging Face cache or hub when `pretrained`, or nowhere (random init).
+    Callers that want the offline message before any data is read call `check_weights_available`.
+    """
+    if weights is not None:
+        state_dict = load_weights_file(weights)
+        if not timm_options.get("features_only"):
+            model = timm.create_model(name, pretrained=False, **timm_options)
+            load_backbone_weights(model, state_dict)
+            return model
+        full = timm.create_model(name, pretrained=False)
+        load_backbone_weights(full, state_dict)  # same checks and messages as train
+        state_dict = full.state_dict()
+    if state_dict is not None:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict},
+                                 **timm_options)
+    if pretrained:
+        cached = cached_pretrained_file(name)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached} if cached else None,
+                                 **timm_options)
+    return timm.create_model(name, pretrained=False, **timm_options)
 
 
 def check_weights_available(name: str, pretrained: bool, weights: str | Path | None) -> None:

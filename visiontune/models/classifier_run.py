@@ -12,13 +12,13 @@ from functools import cached_property
 from pathlib import Path
 
 import safetensors.torch
-import timm
 from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError, first_line
 from visiontune.io import read_json
+from visiontune.models.backbones import create_model
 from visiontune.runformat import (
     CALIBRATION_FILE,
     CHECKPOINT_DIR,
@@ -96,7 +96,7 @@ class ClassifierRun:
         """The trained network in eval mode, on the CPU."""
         path = self.checkpoint_path(which)
         try:
-            model = timm.create_model(self.metadata["model"], pretrained=False, num_classes=len(self.labels))
+            model = create_model(self.metadata["model"], num_classes=len(self.labels))
         except Exception as exc:  # an edited model name or label list
             raise UserError(f"{self.dir / META_FILE} does not describe a model: {first_line(exc, 300)}") from None
         try:

@@ -12,19 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import ImageFiles, collate_image_files
 from visiontune.errors import UserError
-from visiontune.models.backbones import (
-    cached_pretrained_file,
-    check_weights_available,
-    load_backbone_weights,
-    load_weights_file,
-)
+from visiontune.models.backbones import check_weights_available, create_model
 from visiontune.models.batchnorm import folded_copy
 from visiontune.models.classifier_run import ClassifierRun
 
@@ -34,7 +29,7 @@ POOLS = ("avg", "max", "none")
 def feature_levels(backbone: str) -> list[dict]:
     """timm's feature_info (module name, channels, stride) without building real weights."""
     with torch.device("meta"):
-        model = timm.create_model(backbone, pretrained=False)
+        model = create_model(backbone)
     info = getattr(model, "feature_info", None)
     if not info:
         raise UserError(f"'{backbone}' exposes no intermediate feature maps; use a CNN backbone")
@@ -55,16 +50,14 @@ def check_layers(backbone: str, layers: Sequence[str] | None) -> list[str]:
 class FeatureExtractor(nn.Module):
     """timm `features_only` backbone cut after the last requested layer, always in eval mode."""
 
-    def __init__(self, backbone: str, layers: list[str], pretrained_cfg_overlay: dict | None = None,
-                 pretrained: bool = False) -> None:
+    def __init__(self, backbone: str, layers: list[str], *, pretrained: bool = False,
+                 weights: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         names = [level["module"] for level in feature_levels(backbone)]
         self.backbone = backbone
         self.layers = list(layers)
-        self.model = timm.create_model(
-            backbone, features_only=True, out_indices=[names.index(name) for name in layers],
-            pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
-        )
+        self.model = create_model(backbone, pretrained=pretrained, weights=weights, state_dict=state_dict,
+                                  features_only=True, out_indices=[names.index(name) for name in layers])
         # channels_last runs the convolutions ~1.6x faster on CPU (measured with lite0 at 256 px).
         self.model.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
@@ -97,13 +90,8 @@ def create_extractor(backbone: str, layers: list[str], pretrained: bool, weights
                      seed: int) -> FeatureExtractor:
     """A FeatureExtractor with weights from `weights`, the cache / hub, or seeded random init."""
     check_weights_available(backbone, pretrained, weights)
-    if weights is not None:
-        full = timm.create_model(backbone, pretrained=False)
-        load_backbone_weights(full, load_weights_file(weights))  # same checks and messages as train
-        return FeatureExtractor(backbone, layers, {"state_dict": full.state_dict()}, pretrained=True)
-    if pretrained:
-        cached = cached_pretrained_file(backbone)
-        return FeatureExtractor(backbone, layers, {"file": cached} if cached else None, pretrained=True)
+    if weights is not None or pretrained:
+        return FeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return FeatureExtractor(backbone, layers)
@@ -112,7 +100,7 @@ def create_extractor(backbone: str, layers: list[str], pretrained: bool, weights
 def run_extractor(run: ClassifierRun, layers: list[str], which: str = "best") -> FeatureExtractor:
     """The fine-tuned backbone of a run directory (its classifier head is dropped)."""
     state = run.load_model(which).state_dict()
-    return FeatureExtractor(run.metadata["model"], layers, {"state_dict": state}, pretrained=True)
+    return FeatureExtractor(run.metadata["model"], layers, state_dict=state)
 
 
 @dataclass
@@ -133,7 +121,7 @@ def pool_maps(maps: Sequence[torch.Tensor], layers: Sequence[str], pool: str) ->
 
 def iter_features(extractor: FeatureExtractor, transform, paths: Sequence[str], pool: str, batch_size: int = 32,
                   workers: int = 0, device: torch.device | str = "cpu",
-                  max_pixels: int = 89_478_485) -> Iterator[FeatureBatch]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[FeatureBatch]:
     """Features of `paths` batch by batch (decoded in loader workers); unreadable files come out
     as skipped instead of stopping the stream, so memory does not grow with the number of images."""
     if pool not in POOLS:

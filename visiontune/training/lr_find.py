@@ -34,7 +34,7 @@ from visiontune.io import atomic_write, write_text_atomic
 from visiontune.locking import locked_dir
 from visiontune.models.losses import ClassificationLoss
 from visiontune.training.feature_cache import PooledHead
-from visiontune.training.finetune import FineTune
+from visiontune.training.setup import TrainingSetup, build_setup
 
 SMOOTHING = 0.98  # EMA factor of the loss at 100+ steps, bias-corrected (Lightning's and fastai's)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its best value
@@ -95,7 +95,7 @@ def lr_find(
         raise UserError(f"--stage must be frozen or unfrozen, not {stage!r}")
     if stage == "frozen" and cfg.freeze_epochs == 0:
         raise UserError("there is no frozen stage to test (--freeze-epochs 0); use --stage unfrozen or set --freeze-epochs")
-    result = _range_test(cfg, start_lr, end_lr, steps, progress, stage)
+    result = range_test(build_setup(cfg, Console(quiet=True)), start_lr, end_lr, steps, progress, stage)
     if out is not None:
         with locked_dir(out):  # re-entrant: `train --lr auto` already holds its run directory
             result.save(Path(out))
@@ -122,31 +122,30 @@ def default_out_dir(model: str) -> Path:
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-lr-find-{model.replace('/', '_')}"
 
 
-def _range_test(cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, progress: bool,
-                stage: str | None) -> LrFindResult:
-    """The sweep on a throw-away FineTune set up exactly as training's first epoch of `stage` would be."""
-    tuner = FineTune(cfg, progress=False, run_dir=Path(cfg.out or "."))
-    tuner.setup(write_files=False)
-    if not tuner.train_ds.samples:
+def range_test(setup: TrainingSetup, start_lr: float, end_lr: float, steps: int, progress: bool,
+               stage: str | None) -> LrFindResult:
+    """The sweep on a throw-away setup, brought to the state of training's first epoch of `stage`."""
+    cfg = setup.cfg
+    if not setup.train_ds.samples:
         raise UserError("the lr range test needs training images")
     first_epoch = cfg.freeze_epochs if stage == "unfrozen" else 0
-    if cfg.use_probe and tuner.stage_of(first_epoch)[0] == "unfrozen":
-        tuner.fit_probe_head()  # training's unfrozen stage starts from the probe head
-    tuner.prepare_epoch(first_epoch)  # seeds, train mode and the stage's freezing
-    stage = tuner.stage_of(first_epoch)[0]
-    device, batch_size = tuner.fabric.device, cfg.batch_size
-    if stage == "frozen" and tuner.cached_views:
-        train_set, _ = tuner.extract_cached(val=False)  # as training's frozen stage: features computed once
-        forward = PooledHead(tuner.model).train()
-        index_batches = BatchSampler(tuner.sampler, batch_size, tuner.drop_last)
-        batches = _cycle(lambda n: train_set.batches(iter(index_batches), n % tuner.cached_views, device))
+    if cfg.use_probe and setup.stage_of(first_epoch)[0] == "unfrozen":
+        setup.fit_probe_head()  # training's unfrozen stage starts from the probe head
+    setup.prepare_epoch(first_epoch)  # seeds, train mode and the stage's freezing
+    stage = setup.stage_of(first_epoch)[0]
+    device, batch_size = setup.fabric.device, cfg.batch_size
+    if stage == "frozen" and setup.cached_views:
+        train_set, _ = setup.extract_cached(val=False)  # as training's frozen stage: features computed once
+        forward = PooledHead(setup.model).train()
+        index_batches = BatchSampler(setup.sampler, batch_size, setup.drop_last)
+        batches = _cycle(lambda n: train_set.batches(iter(index_batches), n % setup.cached_views, device))
     else:
-        forward, batches = tuner.module, _cycle(lambda n: tuner.train_loader)
-    lrs, raw, smoothed = _sweep(tuner.fabric, forward, batches, tuner.loss_fn, tuner.optimizer, start_lr, end_lr,
+        forward, batches = setup.module, _cycle(lambda n: setup.train_loader)
+    lrs, raw, smoothed = _sweep(setup.fabric, forward, batches, setup.loss_fn, setup.optimizer, start_lr, end_lr,
                                 steps, progress)
     result = _suggest(lrs, raw, smoothed, stage, cfg.model)
-    if forward is not tuner.module:
-        result.notes.append(f"the head trained on cached backbone features ({tuner.cached_views} view(s)), as in training")
+    if forward is not setup.module:
+        result.notes.append(f"the head trained on cached backbone features ({setup.cached_views} view(s)), as in training")
     return result
 
 

@@ -26,13 +26,14 @@ import yaml
 
 from visiontune.config import TrainConfig, build_config
 from visiontune.data.samples import Sample
-from visiontune.data.sources import discover
 from visiontune.data.splits import write_splits_csv
 from visiontune.errors import UserError
-from visiontune.io import atomic_write, write_text_atomic
+from visiontune.io import write_text_atomic
 from visiontune.locking import locked_dir
 from visiontune.run import Run
-from visiontune.training.finetune import STATE_FILE, fit
+from visiontune.runformat import SUMMARY_FILE
+from visiontune.training.finetune import fit
+from visiontune.training.reuse import split_once, train_or_reuse
 from visiontune.tune.outputs import (
     best_trial,
     importances,
@@ -148,7 +149,9 @@ def _search(base: TrainConfig, fixed: dict, params: list[Param], out_dir: Path, 
         best_config = out_dir / "best_config.yaml"
         write_text_atomic(best_config, yaml.safe_dump(cfg.model_dump(exclude={"out"}), sort_keys=False))
         if final:
-            final_run = _retrain(cfg, out_dir / f"final-{best.number:04d}", progress, console)
+            run_dir = out_dir / f"final-{best.number:04d}"
+            console.print(f"the best configuration, trained on train and evaluated on test: {run_dir}")
+            final_run = train_or_reuse(cfg, run_dir, progress, console)
 
     result = TuneResult(out_dir, the_study, ran, rows, best_info, best_config, final_run, importance)
     _write_summary(result, storage, name, base.monitor, search_s)
@@ -157,18 +160,11 @@ def _search(base: TrainConfig, fixed: dict, params: list[Param], out_dir: Path, 
 
 def _split_once(cfg: TrainConfig, out_dir: Path) -> tuple[Path, Path, str]:
     """OUT/splits.csv (all splits, reused on resume) and OUT/trials_data.csv (train and val only)."""
-    splits_csv, trials_csv = out_dir / "splits.csv", out_dir / "trials_data.csv"
-    if splits_csv.is_file():
-        samples = discover(splits_csv).samples
-    else:
-        found = discover(cfg.data, cfg.label_regex, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        for note in found.notes:
-            log.warning(note)
-        samples = found.samples
-        atomic_write(splits_csv, lambda tmp: write_splits_csv(samples, Path(tmp)))
+    splits_csv, samples, _ = split_once(cfg, out_dir)
+    trials_csv = out_dir / "trials_data.csv"
     if not any(s.split == "test" for s in samples):
         log.warning("the data has no test split: the final run can only be scored on val, which the search optimised")
-    atomic_write(trials_csv, lambda tmp: write_splits_csv([s for s in samples if s.split != "test"], Path(tmp)))
+    write_splits_csv([s for s in samples if s.split != "test"], trials_csv)
     return splits_csv, trials_csv, _fingerprint(samples)
 
 
@@ -205,17 +201,6 @@ def _run_trial(trial: optuna.Trial, params: list[Param], fixed: dict, trials_csv
     return run.summary["val"][SUMMARY_METRIC[cfg.monitor]]
 
 
-def _retrain(cfg: TrainConfig, run_dir: Path, progress: bool, console) -> Run:
-    """Train the best config on the full split (test included) once; reuse or resume that run."""
-    if (run_dir / "summary.json").is_file():
-        console.print(f"the best trial was already retrained: {run_dir}")
-        return Run(run_dir)
-    if (run_dir / STATE_FILE).is_file():
-        return fit(resume=run_dir, progress=progress)
-    console.print(f"retraining the best configuration on train, evaluating on test: {run_dir}")
-    return fit(config=cfg, out=str(run_dir), progress=progress)
-
-
 def _write_summary(result: TuneResult, storage: str, name: str, monitor: str, search_s: float) -> None:
     states: dict[str, int] = {}
     for row in result.trials:
@@ -231,7 +216,7 @@ def _write_summary(result: TuneResult, storage: str, name: str, monitor: str, se
         "best_config": str(result.best_config) if result.best_config else None,
         "importances": result.importances, "final": final,
     }
-    write_text_atomic(result.out / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_text_atomic(result.out / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
 
 
 def _trial_line(trial: optuna.trial.FrozenTrial, monitor: str) -> str:

@@ -64,7 +64,7 @@ class TrialSeededSampler(BaseSampler):
 
 
 class PruneCallback:
-    """A FineTune callback reporting each epoch's monitored value; raises TrialPruned when told."""
+    """A `fit` callback reporting each epoch's monitored value; raises TrialPruned when told."""
 
     def __init__(self, trial: optuna.Trial, monitor: str) -> None:
         self.trial, self.monitor = trial, monitor

@@ -7,7 +7,8 @@ import torch
 import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.models.backbones import head_parameter_names
-from visiontune.training.finetune import FineTune
+from visiontune.training.setup import TrainingSetup
+from visiontune.training.trainer import Trainer
 
 # Same seed, no augmentation, BatchNorm frozen in both paths: the only differences are float
 # summation orders (batched features vs per-batch backbone runs), so heads agree to ~1e-6.
@@ -19,8 +20,8 @@ class HeadAfterEachEpoch:
         self.heads: list[dict[str, torch.Tensor]] = []
         self.records: list[dict] = []
 
-    def on_epoch_end(self, tuner: FineTune, record: dict) -> None:
-        self.heads.append({k: v.detach().clone() for k, v in tuner.model.get_classifier().state_dict().items()})
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        self.heads.append({k: v.detach().clone() for k, v in trainer.setup.model.get_classifier().state_dict().items()})
         self.records.append(record)
 
 
@@ -52,9 +53,9 @@ def test_cache_leaves_backbone_and_batchnorm_statistics_untouched(tmp_path):
     snapshots: list[dict[str, torch.Tensor]] = []
 
     class Snapshot:
-        def on_epoch_end(self, tuner: FineTune, record: dict) -> None:
-            head = head_parameter_names(tuner.model)
-            snapshots.append({k: v.clone() for k, v in tuner.model.state_dict().items() if k not in head})
+        def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+            head = head_parameter_names(trainer.setup.model)
+            snapshots.append({k: v.clone() for k, v in trainer.setup.model.state_dict().items() if k not in head})
 
     visiontune.fit(data, out=str(tmp_path / "run"), callbacks=[Snapshot()],
                    **{**TINY_OPTIONS, "epochs": 2, "freeze_epochs": 2, "augment": "light", "lr": 1e-2})
@@ -67,13 +68,13 @@ def test_cache_leaves_backbone_and_batchnorm_statistics_untouched(tmp_path):
 def test_augmented_views_are_cached_once_and_cycled(tmp_path, monkeypatch):
     data = write_class_folders(tmp_path / "data", {"blue": 8, "red": 8})
     calls = []
-    real = FineTune.extract_cached
+    real = TrainingSetup.extract_cached
 
     def counting(self, val=True):
         calls.append(self.cached_views)
         return real(self, val)
 
-    monkeypatch.setattr(FineTune, "extract_cached", counting)
+    monkeypatch.setattr(TrainingSetup, "extract_cached", counting)
     run = visiontune.fit(data, out=str(tmp_path / "run"),
                          **{**TINY_OPTIONS, "epochs": 4, "freeze_epochs": 3, "augment": "light"})
     assert calls == [3]  # one extraction, one view per frozen epoch
@@ -83,7 +84,7 @@ def test_augmented_views_are_cached_once_and_cycled(tmp_path, monkeypatch):
 def test_no_cache_when_turned_off_or_nothing_is_frozen(tmp_path, monkeypatch):
     data = write_class_folders(tmp_path / "data", {"blue": 8, "red": 8})
     calls = []
-    monkeypatch.setattr(FineTune, "extract_cached", lambda self, val=True: calls.append(1))
+    monkeypatch.setattr(TrainingSetup, "extract_cached", lambda self, val=True: calls.append(1))
     visiontune.fit(data, out=str(tmp_path / "a"), **{**TINY_OPTIONS, "feature_cache": False})
     visiontune.fit(data, out=str(tmp_path / "b"), **{**TINY_OPTIONS, "freeze_epochs": 0})
     assert calls == []

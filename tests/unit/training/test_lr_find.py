@@ -7,11 +7,14 @@ import math
 
 import pytest
 import yaml
+from rich.console import Console
 
 import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
+from visiontune.config import config_for
 from visiontune.errors import UserError
-from visiontune.training.lr_find import _suggest
+from visiontune.training.lr_find import _suggest, range_test
+from visiontune.training.setup import build_setup
 
 
 @pytest.fixture
@@ -43,6 +46,19 @@ def test_range_test_through_the_backbone(three_classes, options, stage):
     assert result.stage == stage and 1e-4 <= result.suggestion <= 10.0
     assert not any("cached" in note for note in result.notes)
     assert len(result.lrs) >= 10 and all(math.isfinite(v) for v in result.raw_losses)
+
+
+def test_range_test_runs_on_a_training_setup_alone(three_classes, tmp_path, monkeypatch):
+    """The sweep needs only what setup.py builds: no run directory, no trainer, nothing written."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    options = {key: value for key, value in TINY_OPTIONS.items() if key != "progress"}
+    setup = build_setup(config_for(three_classes, None, options), Console(quiet=True))
+    result = range_test(setup, start_lr=1e-5, end_lr=10.0, steps=20, progress=False, stage=None)
+    assert result.stage == "frozen" and result.suggestion in result.lrs
+    assert len(result.lrs) >= 10 and all(math.isfinite(v) for v in result.losses)
+    assert setup.cfg.out is None and list(cwd.iterdir()) == []
 
 
 def test_suggestion_is_steepest_descent_of_smoothed_loss():
