@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from visiontune.bench.timing import time_call
+from visiontune.inference.timing import time_call
 from visiontune.config import TrainConfig, build_config, config_for
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError

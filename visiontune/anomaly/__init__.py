@@ -9,5 +9,8 @@
 import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
-    __name__, submod_attrs={"workflow": ["DETECTORS", "evaluate", "fit", "load", "predict"]}
+    __name__, submod_attrs={
+        "base": ["AnomalyModel"], "detectors": ["DETECTORS"], "padim": ["Padim"], "patchcore": ["PatchCore"],
+        "workflow": ["evaluate", "fit", "load", "predict", "split_holdout"],
+    },
 )

@@ -26,11 +26,17 @@ class Padim(PatchDetector):
     """Fitted: channel_index_ [d], gaussians_ (mean_ [positions, d], whitening_ [positions, d, d])."""
 
     method = "padim"
+    default_strides = (4, 8, 16)  # the backbone levels embedded when no --layers are given
 
     def __init__(self, n_features: int | None = None, regularization: float = 0.01, seed: int = 0) -> None:
         self.n_features = n_features
         self.regularization = regularization
         self.seed = seed
+
+    @classmethod
+    def from_options(cls, n_features: int | None, seed: int, **_) -> Padim:
+        """Built from `anomaly fit`'s options; those of other detectors are ignored."""
+        return cls(n_features=n_features, seed=seed)
 
     def params(self) -> dict:
         return dict(n_features=self.n_features, regularization=self.regularization, seed=self.seed)

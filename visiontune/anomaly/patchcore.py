@@ -24,6 +24,7 @@ class PatchCore(PatchDetector):
     """Fitted: memory_bank_ [m, dim]."""
 
     method = "patchcore"
+    default_strides = (8, 16)  # the backbone levels embedded when no --layers are given
 
     def __init__(self, coreset_ratio: float = 0.01, num_neighbors: int = 9, projection_dim: int = 256,
                  chunk_patches: int = 2**16, seed: int = 0) -> None:
@@ -34,6 +35,11 @@ class PatchCore(PatchDetector):
         self.projection_dim = projection_dim
         self.chunk_patches = chunk_patches
         self.seed = seed
+
+    @classmethod
+    def from_options(cls, coreset_ratio: float, chunk_patches: int, seed: int, **_) -> PatchCore:
+        """Built from `anomaly fit`'s options; those of other detectors are ignored."""
+        return cls(coreset_ratio=coreset_ratio, chunk_patches=chunk_patches, seed=seed)
 
     def params(self) -> dict:
         return dict(coreset_ratio=self.coreset_ratio, num_neighbors=self.num_neighbors,

@@ -19,9 +19,8 @@ from visiontune.anomaly.data import (
     good_images,
     labelled_images,
 )
+from visiontune.anomaly.detectors import DETECTORS
 from visiontune.anomaly.evaluation import evaluate_model
-from visiontune.anomaly.padim import Padim
-from visiontune.anomaly.patchcore import PatchCore
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import default_workers
 from visiontune.data.images import ImageLoadError, load_rgb
@@ -34,7 +33,6 @@ from visiontune.models.backbones import check_weights_available
 from visiontune.models.extractor import create_extractor
 from visiontune.runformat import META_FILE
 
-DETECTORS = {"patchcore": PatchCore, "padim": Padim}
 CSV_COLUMNS = ("path", "score", "decision", "threshold", "heatmap", "reason")
 
 
@@ -62,16 +60,14 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
             stack.enter_context(locked_dir(out))  # one writer per directory, for the whole fit
             if (Path(out) / META_FILE).exists():
                 raise UserError(f"{out} already holds a model; pass another --out or remove it")
-        layers = resolve_layers(backbone, list(layers) if layers else None, method)
+        layers = resolve_layers(backbone, list(layers) if layers else None, DETECTORS[method].default_strides)
         files = good_images(good)
         defect_files = [Path(p) for p in expand_image_paths([defects])] if defects is not None else []
         folds = folds_for(calibration, len(files))
         train, holdout = (files, []) if folds else split_holdout(files, holdout_fraction, seed)
         extractor = create_extractor(backbone, layers, pretrained, weights, seed)
-        if method == "patchcore":
-            detector = PatchCore(coreset_ratio=coreset_ratio, chunk_patches=chunk_patches, seed=seed)
-        else:
-            detector = Padim(n_features=n_features, seed=seed)
+        detector = DETECTORS[method].from_options(coreset_ratio=coreset_ratio, n_features=n_features,
+                                                  chunk_patches=chunk_patches, seed=seed)
         model = AnomalyModel(extractor, detector, Preprocessing.from_model(extractor.model, image_size),
                              batch_size=batch_size, workers=_workers(workers), max_pixels=max_pixels, device=device)
         model.fit(train, holdout, defect_files, false_alarm_rate, folds=folds, seed=seed)
@@ -168,6 +164,3 @@ def _csv_text(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-__all__ = ["AnomalyModel", "Padim", "PatchCore", "evaluate", "fit", "load", "predict", "split_holdout"]

@@ -19,6 +19,7 @@ from visiontune.anomaly.components.threshold import (
     good_quantile_threshold,
 )
 from visiontune.anomaly.metrics import aupro
+from visiontune.anomaly.padim import Padim
 from visiontune.anomaly.patchcore import PatchCore
 from visiontune.errors import UserError
 from visiontune.models.extractor import create_extractor
@@ -135,12 +136,12 @@ def test_threshold_rules() -> None:
 
 
 def test_default_layers_follow_the_stride_and_unknown_layers_are_named() -> None:
-    assert resolve_layers("resnet18", None, "patchcore") == ["layer2", "layer3"]
-    assert resolve_layers("resnet18", None, "padim") == ["layer1", "layer2", "layer3"]
-    assert resolve_layers("tf_efficientnet_lite0", None, "patchcore") == ["blocks.2", "blocks.4"]
-    assert resolve_layers("resnet18", ["layer3", "layer1"], "padim") == ["layer1", "layer3"]
+    assert resolve_layers("resnet18", None, PatchCore.default_strides) == ["layer2", "layer3"]
+    assert resolve_layers("resnet18", None, Padim.default_strides) == ["layer1", "layer2", "layer3"]
+    assert resolve_layers("tf_efficientnet_lite0", None, PatchCore.default_strides) == ["blocks.2", "blocks.4"]
+    assert resolve_layers("resnet18", ["layer3", "layer1"], Padim.default_strides) == ["layer1", "layer3"]
     with pytest.raises(UserError, match="unknown layer.*layer9.*choose from act1, layer1"):
-        resolve_layers("resnet18", ["layer9"], "patchcore")
+        resolve_layers("resnet18", ["layer9"], PatchCore.default_strides)
 
 
 def test_weights_file_loads_like_train_and_offline_weights_fail_with_one_message(tmp_path) -> None:

@@ -13,16 +13,14 @@ import torch.nn.functional as F
 from visiontune.errors import UserError
 from visiontune.models.extractor import check_layers, feature_levels
 
-DEFAULT_STRIDES = {"patchcore": (8, 16), "padim": (4, 8, 16)}
 
-
-def resolve_layers(backbone: str, layers: list[str] | None, method: str) -> list[str]:
-    """The given layer names in network order, or the method's default strides."""
+def resolve_layers(backbone: str, layers: list[str] | None, default_strides: tuple[int, ...]) -> list[str]:
+    """The given layer names in network order, or the levels at the detector's default strides."""
     if layers:
         return check_layers(backbone, layers)
-    chosen = [lv["module"] for lv in feature_levels(backbone) if lv["reduction"] in DEFAULT_STRIDES[method]]
+    chosen = [lv["module"] for lv in feature_levels(backbone) if lv["reduction"] in default_strides]
     if not chosen:
-        raise UserError(f"'{backbone}' has no feature maps at stride {DEFAULT_STRIDES[method]}; pass --layers")
+        raise UserError(f"'{backbone}' has no feature maps at stride {default_strides}; pass --layers")
     return chosen
 
 
