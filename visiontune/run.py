@@ -140,6 +140,11 @@ class Run:
         return write_report(self)
 
 
+def load_run(directory: str | Path) -> Run:
+    """The run written to `directory`: `Run(directory)` under the API's name."""
+    return Run(directory)
+
+
 def _as_list(paths) -> list:
     """One path or many, as a list."""
     return [paths] if isinstance(paths, (str, Path)) else list(paths)

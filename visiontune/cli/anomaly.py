@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from visiontune.anomaly.data import DEFAULT_MAX_PIXELS
+from visiontune.config import TrainConfig
 from visiontune.errors import UserError
 
 anomaly_app = typer.Typer(
@@ -27,6 +27,7 @@ Opt = typer.Option
 Workers = Annotated[Optional[int], Opt(help="Image loading processes (default: cores - 1, at most 4).")]
 Device = Annotated[str, Opt(help="auto | cpu | cuda")]
 BatchSize = Annotated[int, Opt(help="Images per batch.")]
+MAX_PIXELS = TrainConfig.model_fields["max_pixels"].default  # as `train` and visiontune.anomaly have it
 
 
 @contextmanager
@@ -63,7 +64,7 @@ def fit(
     workers: Workers = None,
     device: Device = "auto",
     seed: Annotated[int, Opt(help="Seed of the hold-out split, projections and random init.")] = 0,
-    max_pixels: Annotated[int, Opt(help="Larger images are skipped (decompression bombs).")] = DEFAULT_MAX_PIXELS,
+    max_pixels: Annotated[int, Opt(help="Larger images are skipped (decompression bombs).")] = MAX_PIXELS,
 ) -> None:
     """Fit a detector on good images and save it with its threshold."""
     from visiontune import anomaly
