@@ -3,18 +3,22 @@
     >>> import visiontune
     >>> run = visiontune.fit("data/", model="resnet18", epochs=5)
     >>> run.summary["val"]["accuracy"]
+
+The API is imported on first use, so `import visiontune` (and the CLI's `--help`) loads no torch.
 """
 
-from visiontune._version import __version__
-from visiontune.comparison import ComparisonResult, compare
-from visiontune.config import TrainConfig
-from visiontune.data.validate import check_data
-from visiontune.errors import UserError
-from visiontune.run import Run, load_run
-from visiontune.training.finetune import fit
-from visiontune.training.lr_find import LrFindResult, lr_find
+import lazy_loader
 
-__all__ = [
-    "ComparisonResult", "LrFindResult", "Run", "TrainConfig", "UserError", "__version__", "check_data",
-    "compare", "fit", "load_run", "lr_find",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "_version": ["__version__"],
+        "comparison": ["ComparisonResult", "compare"],
+        "config": ["TrainConfig"],
+        "data.validate": ["check_data"],
+        "errors": ["UserError"],
+        "run": ["Run", "load_run"],
+        "training.finetune": ["fit"],
+        "training.lr_find": ["LrFindResult", "lr_find"],
+    },
+)

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from visiontune.inference.timing import time_call
 from visiontune.config import TrainConfig, build_config, config_for
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
+from visiontune.inference.timing import time_call
 from visiontune.io import atomic_write, write_text_atomic
 from visiontune.locking import locked_dir
 from visiontune.models.backbones import check_weights_available

@@ -1,4 +1,4 @@
-"""`visiontune benchmark` and `visiontune export`: the CLI over visiontune.bench and visiontune.export."""
+"""`visiontune benchmark` and `visiontune export`: the CLI over visiontune.bench and visiontune.inference.onnx."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import visiontune
 from visiontune.errors import UserError
 
 Opt = typer.Option
@@ -52,7 +53,6 @@ def export(
     quantize: Annotated[str | None, Opt(help="int8: static quantization calibrated on the run's training images.")] = None,
 ) -> None:
     """Export the run's best model (cached in RUN/export/, redone when the checkpoint changes)."""
-    import visiontune
     from visiontune.inference.onnx import export_run
 
     if format != "onnx":

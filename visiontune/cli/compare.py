@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import visiontune
 from visiontune.cli.train_options import (
     FORWARDING,
     TRAIN_OPTIONS_HELP,
@@ -27,10 +28,9 @@ def compare(
     timing_repeats: Annotated[int, Opt(help="Timed batches per model (the median is reported).")] = 10,
 ) -> None:
     """Train several backbones with one recipe and split; tabulate test accuracy, macro-F1, size, speed."""
-    import visiontune
+    cfg = parse_train_options(ctx)
     from visiontune.comparison import format_rows, timing_note
 
-    cfg = parse_train_options(ctx)
     result = visiontune.compare(config=cfg, models=models, out=out, timing_batch=timing_batch,
                                 timing_repeats=timing_repeats)
     headers, cells = format_rows(result.rows)
@@ -54,10 +54,9 @@ def lr_find(
                                      "from the probe head) [default: the first stage training runs]")] = None,
 ) -> None:
     """The lr range test: suggest --lr (the head lr of the tested stage) and plot the loss curve."""
-    import visiontune
+    cfg = parse_train_options(ctx)
     from visiontune.training.lr_find import default_out_dir
 
-    cfg = parse_train_options(ctx)
     result = visiontune.lr_find(config=cfg, start_lr=start_lr, end_lr=end_lr, steps=steps,
                                 out=out or default_out_dir(cfg.model), stage=stage)
     stdout.print(

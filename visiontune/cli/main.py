@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+import visiontune
 from visiontune.cli.anomaly import anomaly_app
 from visiontune.cli.bench import benchmark, export
 from visiontune.cli.compare import register as register_compare
@@ -106,9 +107,7 @@ def train(
     out: Annotated[Optional[str], Opt(help=_help("out"))] = None,
 ) -> None:
     """Fine-tune a pretrained backbone: a linear probe on frozen features, then everything with discriminative lrs."""
-    import visiontune
-
-    given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "visiontune")}
+    given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume")}
     if resume is not None:
         if given:
             raise UserError(f"--resume takes no other options (got {', '.join(sorted(given))}); the run's config.yaml is used")
@@ -173,8 +172,6 @@ def evaluate(
     quantize: Quantize = None,
 ) -> None:
     """Metrics, confusion matrix, top losses, calibration (and ROC/PR for binary) in RUN/eval/."""
-    import visiontune
-
     run = visiontune.load_run(run_dir)
     result = run.evaluate(split, data, target_recall=target_recall, positive=positive, temperature=temperature,
                           top_n=top_n, batch_size=batch_size, workers=workers, device=device,
@@ -198,7 +195,6 @@ def predict(
     quantize: Quantize = None,
 ) -> None:
     """Label images with a trained run; unreadable files are listed, never fatal."""
-    import visiontune
 
     result = visiontune.load_run(run_dir).predict(
         paths, out=out, top_k=top_k, tta=tta, batch_size=batch_size, workers=workers, device=device,
@@ -221,7 +217,6 @@ def explain(
     out: Annotated[Optional[Path], Opt(help="Folder for the overlay PNGs (default RUN/explain).")] = None,
 ) -> None:
     """Overlay PNGs showing which regions drove each prediction."""
-    import visiontune
 
     records = visiontune.load_run(run_dir).explain(images, method=method, target=target, out_dir=out)
     skipped = sum("skipped" in record for record in records)
@@ -239,8 +234,6 @@ def explain(
 @app.command()
 def report(run_dir: RunArg) -> None:
     """(Re)write RUN/report.html from what the run directory holds."""
-    import visiontune
-
     stdout.print(f"written: {visiontune.load_run(run_dir).report()}")
 
 
@@ -250,7 +243,6 @@ def demo(
 ) -> None:
     """Generate synthetic clean vs scratched surfaces, fine-tune a pretrained backbone on them (a small
     model from scratch when no pretrained weights can be had), and evaluate it."""
-    import visiontune
     from visiontune.demo import DEMO_OPTIONS, demo_options, make_scratch_dataset
 
     run_dir = out_dir / "run"

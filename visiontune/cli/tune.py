@@ -52,9 +52,9 @@ def tune(
 ) -> None:
     """Search the recipe's hyperparameters with Optuna (TPE, pruning); retrain the best, test once."""
     given = {k: v for k, v in locals().items() if v is not None and k not in SEARCH_OPTIONS}
+    fixed = TrainConfig.from_yaml(config, **given) if config else build_config(given)
     from visiontune.tune.search import tune as run_tune
 
-    fixed = TrainConfig.from_yaml(config, **given) if config else build_config(given)
     result = run_tune(data, trials=trials, storage=storage, study=study, timeout=timeout, space=space,
                       out=out, final=final, prune=prune, config=fixed)
     _print_trials(result.trials)

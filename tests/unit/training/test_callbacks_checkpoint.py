@@ -14,7 +14,12 @@ from tests.conftest import TINY_MODEL
 from visiontune.errors import UserError
 from visiontune.io import atomic_write
 from visiontune.training.callbacks import EarlyStopping
-from visiontune.training.checkpoint import load_model_file, load_state, save_model, save_state
+from visiontune.training.checkpoint import (
+    load_model_file,
+    load_state,
+    save_model,
+    save_state,
+)
 
 
 def run(stopper: EarlyStopping, values: list[float]) -> list[bool]:
