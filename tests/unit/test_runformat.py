@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import visiontune
 from visiontune import anomaly
@@ -74,9 +75,14 @@ def test_classifier_commands_on_an_anomaly_model_exit_2_with_one_line(anomaly_di
     assert "is an anomaly model" in error and "visiontune anomaly predict" in error and "Traceback" not in error
 
 
-@pytest.mark.parametrize("command", [["anomaly", "predict", "{r}", "{r}", "--out", "{r}/s.csv"], ["anomaly", "evaluate", "{r}", "--data", "{r}"]])
+@pytest.mark.parametrize("command", [["anomaly", "predict", "{r}", "{d}", "--out", "{r}/s.csv"],
+                                     ["anomaly", "evaluate", "{r}", "--data", "{d}"]])
 def test_anomaly_commands_on_a_classifier_run_exit_2_with_one_line(classifier_dir, command, monkeypatch, capsys):
-    assert run_cli(monkeypatch, *[part.format(r=classifier_dir) for part in command]) == 2
+    data = classifier_dir.parent / "data"
+    for folder in ("good", "scratch"):
+        (data / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(data / folder / "0.png")
+    assert run_cli(monkeypatch, *[part.format(r=classifier_dir, d=data) for part in command]) == 2
     error = capsys.readouterr().err
     assert "is a classifier model" in error and "visiontune evaluate" in error and "Traceback" not in error
 

@@ -114,8 +114,8 @@ def evaluate(model: str | Path | AnomalyModel, data: str | Path, *, out: str | P
              **load_options) -> dict:
     """Image AUROC, F1 at the saved and at the best threshold, pixel AUROC and AUPRO when masks
     exist, per-defect-type rows; with `out`, also `out/metrics.json` and `out/report.html`."""
-    model = model if isinstance(model, AnomalyModel) else load(model, **load_options)
     images = labelled_images(data)
+    model = model if isinstance(model, AnomalyModel) else load(model, **load_options)
     return evaluate_model(model, images, Path(out) if out is not None else None)
 
 
