@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
-
-from importlinter.cli import lint_imports
 
 PACKAGE = Path(__file__).resolve().parents[1] / "visiontune"
 ROOT = PACKAGE.parent
 
 
 def test_import_contracts_are_kept():
-    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+    """In a subprocess: import-linter reconfigures logging, which would silence other tests' loggers."""
+    check = (f"from importlinter.cli import lint_imports; "
+             f"raise SystemExit(lint_imports(config_filename={str(ROOT / 'pyproject.toml')!r}, no_cache=True))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_no_function_level_imports_of_visiontune_outside_the_cli():

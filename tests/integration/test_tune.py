@@ -12,7 +12,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-import visiontune.tune
+import visiontune.training.reuse
+import visiontune.tune.search
+import visiontune.tune.space
 from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.config import TrainConfig
 from visiontune.errors import UserError
@@ -42,7 +44,8 @@ def tuned(tmp_path_factory):
     data = write_class_folders(root / "data", {"blue": 12, "red": 12})
     reads = ReadLog()
     sys.addaudithook(reads.hook)  # hooks cannot be removed; phase None turns this one off
-    real_fit = visiontune.tune.fit
+    callers = (visiontune.tune.search, visiontune.training.reuse)  # trials; the final run
+    real_fit = visiontune.tune.search.fit
 
     def spy_fit(*args, **kwargs):
         out = kwargs.get("out") or kwargs["config"].out
@@ -52,11 +55,13 @@ def tuned(tmp_path_factory):
         finally:
             reads.phase = "setup"
 
-    visiontune.tune.fit = spy_fit
+    for module in callers:
+        module.fit = spy_fit
     try:
         result = tune(data, trials=8, out=root / "out", progress=False, **FIXED)
     finally:
-        visiontune.tune.fit = real_fit
+        for module in callers:
+            module.fit = real_fit
         reads.phase = None
     return result, reads
 
@@ -89,7 +94,7 @@ def test_eight_trials_with_pruning_write_every_output(tuned):
         assert (trial_dir / "summary.json").is_file() == (row["state"] == "COMPLETE")
         assert not (trial_dir / "checkpoints").exists()
     importances = json.loads((out / "importances.json").read_text())["importances"]
-    assert set(importances) == set(visiontune.tune.DEFAULT_SPACE) and sum(importances.values()) == pytest.approx(1)
+    assert set(importances) == set(visiontune.tune.space.DEFAULT_SPACE) and sum(importances.values()) == pytest.approx(1)
 
 
 def test_best_config_is_retrained_and_scored_on_test(tuned):

@@ -15,7 +15,7 @@ import torch
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.paths import expand_image_paths
 from visiontune.errors import UserError
-from visiontune.explain.cam import default_layer, gradcam
+from visiontune.explain.cam import gradcam
 from visiontune.explain.lime import DEFAULT_SAMPLES, lime_map
 from visiontune.explain.overlay import model_view, overlay, save_png
 from visiontune.models.classifier_run import ClassifierRun
@@ -23,7 +23,6 @@ from visiontune.models.losses import probabilities
 
 METHODS = ("gradcam", "lime")
 
-__all__ = ["METHODS", "default_layer", "explain", "gradcam", "lime_map", "model_view", "overlay"]
 
 
 def explain(

@@ -41,10 +41,8 @@ from visiontune.tune.outputs import (
     write_plots,
     write_trials_csv,
 )
-from visiontune.tune.space import DEFAULT_SPACE, Param, load_space, space_yaml
+from visiontune.tune.space import Param, load_space, space_yaml
 from visiontune.tune.study import PruneCallback, open_study, safe_url
-
-__all__ = ["DEFAULT_SPACE", "TuneResult", "tune"]
 
 log = logging.getLogger(__name__)
 SUMMARY_METRIC = {"val_accuracy": "accuracy", "val_f1_macro": "f1_macro", "val_loss": "loss"}
