@@ -30,7 +30,12 @@ from visiontune.anomaly.calibration import (
     warn_if_too_few,
 )
 from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
-from visiontune.anomaly.components.threshold import GOOD_QUANTILE, choose_threshold
+from visiontune.anomaly.components.threshold import (
+    GOOD_QUANTILE,
+    TARGET_RECALL,
+    choose_threshold,
+    flagged_share,
+)
 from visiontune.anomaly.data import anomaly_transform
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import ImageFiles, collate_image_files
@@ -111,9 +116,11 @@ class AnomalyModel:
     def image_size(self) -> int:
         return self.preprocessing.input_size
 
-    def fit(self, train: Sequence[Path], holdout: Sequence[Path], defects: Sequence[Path] = (),
-            false_alarm_rate: float = 0.01, folds: int = 0, seed: int = 0) -> AnomalyModel:
-        """Fit the detector on `train`, then the threshold on held-out good (and defect) images.
+    def fit(self, train: Sequence[Path], holdout: Sequence[Path], val_defects: Sequence[Path] = (),
+            false_alarm_rate: float = 0.01, folds: int = 0, seed: int = 0,
+            target_recall: float | None = None) -> AnomalyModel:
+        """Fit the detector on `train`, then the threshold on held-out good (and validation defect)
+        images by components/threshold.py's rules.
 
         With `folds` (and no `holdout`), the good scores behind the threshold are out-of-fold: each
         training image scored by a detector fitted on the other folds (calibration.py), and the
@@ -137,12 +144,11 @@ class AnomalyModel:
             good_scores, self.map_range_ = self._score_good(holdout, skipped)
             calibration = {"method": "held-out good images"}
         calibration["scores"] = len(good_scores)
-        bad = self.score(defects) if defects else None
-        self.threshold_, rule = choose_threshold(good_scores, bad.scores if bad else None, false_alarm_rate)
-        self.threshold_rule_ = {"rule": rule, "calibration_scores": len(good_scores)}
-        if rule == GOOD_QUANTILE:
-            self.threshold_rule_["false_alarm_rate"] = false_alarm_rate
-            warn_if_too_few(len(good_scores), false_alarm_rate)
+        bad = self.score(val_defects) if val_defects else None
+        if bad is not None and not len(bad.scores):
+            raise UserError(f"none of the {len(val_defects)} validation defect images could be read "
+                            f"({bad.skipped[0].path}: {bad.skipped[0].reason})")
+        self._set_threshold(good_scores, bad.scores if bad else None, false_alarm_rate, target_recall)
         stats["threshold_s"] = time.perf_counter() - calibration_started
         stats["total_s"] = time.perf_counter() - started
         skipped += bad.skipped if bad else []
@@ -153,6 +159,22 @@ class AnomalyModel:
             "timings": {k: round(v, 3) for k, v in stats.items()},
         }
         return self
+
+    def _set_threshold(self, good_scores: np.ndarray, defect_scores: np.ndarray | None, false_alarm_rate: float,
+                       target_recall: float | None) -> None:
+        """threshold_ and threshold_rule_: the rule with what it rests on and, for a target recall,
+        the recall and false-alarm rate it reached on validation."""
+        self.threshold_, rule = choose_threshold(good_scores, defect_scores, false_alarm_rate, target_recall)
+        self.threshold_rule_ = {"rule": rule, "calibration_scores": len(good_scores)}
+        if rule == GOOD_QUANTILE:
+            self.threshold_rule_["false_alarm_rate"] = false_alarm_rate
+            warn_if_too_few(len(good_scores), false_alarm_rate)
+        elif rule == TARGET_RECALL:
+            self.threshold_rule_ |= {
+                "target_recall": target_recall, "validation_defect_images": len(defect_scores),
+                "validation_recall": flagged_share(defect_scores, self.threshold_),
+                "validation_false_alarm_rate": flagged_share(good_scores, self.threshold_),
+            }
 
     def _score_good(self, holdout: Sequence[Path], skipped: list[Skipped]) -> tuple[np.ndarray, tuple[float, float]]:
         """Held-out scores and the heat-map range (`score_range`)."""

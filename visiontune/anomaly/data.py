@@ -1,6 +1,6 @@
 """Image folders for anomaly detection: good images to fit on, labelled sets to evaluate, masks.
 
-Two layouts are read for evaluation:
+Two layouts are read for evaluation (and, without the good folder, for validation defect images):
 - MVTec AD: `ROOT/test/good/`, `ROOT/test/<defect type>/`, masks `ROOT/ground_truth/<type>/<name>_mask.png`.
 - plain: `ROOT/good/`, `ROOT/<defect type>/`, masks as same-name images in a parallel folder
   `ROOT/masks/<type>/` (or `ROOT/ground_truth/<type>/`).
@@ -55,21 +55,47 @@ def good_images(path: str | Path) -> list[Path]:
 def labelled_images(root: str | Path) -> list[LabelledImage]:
     """Good and defect images with their masks, from either layout (see the module docstring)."""
     root = _existing_folder(root)
-    images_root = root / "test" if (root / "test").is_dir() else root
-    types = [d.name for d in sorted(images_root.iterdir())
-             if d.is_dir() and not d.name.startswith(".") and d.name not in MASK_FOLDERS + ("train",)]
+    images_root, types = _type_folders(root)
     if GOOD not in types or len(types) < 2:
         raise UserError(
             f"{root} needs a '{GOOD}' folder and at least one defect folder beside it "
             f"(found: {', '.join(types) or 'none'}); expected ROOT/test/good + ROOT/test/<type> "
             "(MVTec AD) or ROOT/good + ROOT/<type>"
         )
+    images = _images_of_types(root, images_root, types)
+    if not any(image.is_anomalous for image in images) or all(image.is_anomalous for image in images):
+        raise UserError(f"{root} needs both good and defect images")
+    return images
+
+
+def defect_images(path: str | Path) -> list[LabelledImage]:
+    """Labelled defect images that set a threshold (`--val-defects`): a folder of images of one
+    type, named after the folder, or a folder of defect-type folders with their masks as in
+    `labelled_images`; mask folders are never read as defect images."""
+    root = _existing_folder(path)
+    images_root, types = _type_folders(root)
+    if GOOD in types:
+        raise UserError(f"{root} holds a '{GOOD}' folder: validation defects are defect images only "
+                        "(the good images behind the threshold come from the fit); pass its defect folders")
+    loose = [LabelledImage(p, root.name) for p in list_image_files(images_root) if p.parent == images_root]
+    images = loose + _images_of_types(root, images_root, types)
+    if not images:
+        raise UserError(f"no images found in {root}")
+    return images
+
+
+def _type_folders(root: Path) -> tuple[Path, list[str]]:
+    """The folder holding the image folders (ROOT/test in MVTec AD, else ROOT) and their names."""
+    images_root = root / "test" if (root / "test").is_dir() else root
+    return images_root, [d.name for d in sorted(images_root.iterdir())
+                         if d.is_dir() and not d.name.startswith(".") and d.name not in MASK_FOLDERS + ("train",)]
+
+
+def _images_of_types(root: Path, images_root: Path, types: list[str]) -> list[LabelledImage]:
     images = []
     for defect in types:
         masks = _masks_by_stem(root, defect)
         images += [LabelledImage(p, defect, masks.get(p.stem)) for p in list_image_files(images_root / defect)]
-    if not any(image.is_anomalous for image in images) or all(image.is_anomalous for image in images):
-        raise UserError(f"{root} needs both good and defect images")
     return images
 
 

@@ -1,6 +1,7 @@
 """Evaluate an anomaly model on labelled images: score them, load their masks (at the model's input
-size, binarised as in data.py), compute metrics.py's numbers, and write metrics.json and a
-self-contained report.html (reporting/templates/anomaly.html) showing the worst cases."""
+size, binarised as in data.py), compute metrics.py's numbers, and write metrics.json, a histogram
+of the scores about the saved threshold and a self-contained report.html
+(reporting/templates/anomaly.html) showing the numbers, the histogram and the worst cases."""
 
 from __future__ import annotations
 
@@ -13,18 +14,21 @@ from scipy import ndimage
 
 from visiontune.anomaly.base import AnomalyModel, Scores
 from visiontune.anomaly.components.anomaly_map import heatmap_overlay
-from visiontune.anomaly.data import LabelledImage, load_mask
+from visiontune.anomaly.data import GOOD, LabelledImage, load_mask
 from visiontune.anomaly.metrics import image_metrics, per_defect_type, pixel_metrics
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.validate import Skipped
 from visiontune.errors import UserError
+from visiontune.evaluation.plots import score_histogram_png
 from visiontune.io import write_text_atomic
 from visiontune.reporting.html import render_page
 from visiontune.runformat import REPORT_FILE
 
 GALLERY = 8  # worst misses and false alarms shown in the report
 OUTLINE = (0, 255, 0)
-PER_TYPE_COLUMNS = ("images", "image_auroc", "recall_at_threshold", "mean_score", "pixel_auroc")
+PER_TYPE_COLUMNS = ("images", "image_auroc", "recall_at_threshold", "recall_at_threshold_ci95", "mean_score",
+                    "pixel_auroc")
+HISTOGRAM_FILE = "score_histogram.png"
 
 
 def evaluate_model(model: AnomalyModel, images: list[LabelledImage], out: Path | None = None) -> dict:
@@ -86,7 +90,17 @@ def write_report(path: Path, model: AnomalyModel, images: list[LabelledImage], s
         summary={k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
         columns=PER_TYPE_COLUMNS, per_type=metrics["per_defect_type"], skipped=metrics["skipped"],
         misses=[card(i) for i in misses], alarms=[card(i) for i in alarms],
+        histogram=_score_histogram(path.parent / HISTOGRAM_FILE, model, images, scores),
     )
+
+
+def _score_histogram(path: Path, model: AnomalyModel, images: list[LabelledImage], scores: np.ndarray) -> Path:
+    """`path`: good images' scores and each defect type's, and the saved threshold with its rule."""
+    types = [GOOD] + sorted({image.defect for image in images if image.is_anomalous})
+    groups = {name: scores[[image.defect == name for image in images]] for name in types}
+    caption = f"threshold {model.threshold_:.4g} ({model.threshold_rule_['rule']})"
+    score_histogram_png(groups, model.threshold_, caption, path)
+    return path
 
 
 def _thumbnail(model: AnomalyModel, path: Path, anomaly_map: np.ndarray, mask: np.ndarray | None) -> Image.Image:

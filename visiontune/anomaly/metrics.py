@@ -1,21 +1,31 @@
 """Metrics of an anomaly model on labelled images, as plain numbers (evaluate.py reports them).
 
-Image level: AUROC, F1 at the saved threshold and at the best one. Pixel level, when masks exist:
-AUROC over all pixels and AUPRO, the mean per-region overlap integrated up to 30% false-positive
-rate and divided by 0.3 (MVTec AD's metric). Masks are boolean [h, w] arrays at the maps' size:
-all-False for good images, None for defect images without a usable mask, which are left out of
-the pixel metrics (and counted); defect images with an empty mask are kept.
+Image level: AUROC, F1 at the saved threshold and at the best one, recall and false-alarm rate at
+the saved threshold with 95% Wilson score intervals (deterministic, inside [0, 1] and sound for
+the few defect images of a type, where the normal approximation fails at 0 or all of them).
+Pixel level, when masks exist: AUROC over all pixels and AUPRO, the mean per-region overlap
+integrated up to 30% false-positive rate and divided by 0.3 (MVTec AD's metric). Masks are
+boolean [h, w] arrays at the maps' size: all-False for good images, None for defect images
+without a usable mask, which are left out of the pixel metrics (and counted); defect images with
+an empty mask are kept.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
-from visiontune.anomaly.components.threshold import best_f1_threshold, f1_at
+from visiontune.anomaly.components.threshold import (
+    best_f1_threshold,
+    f1_at,
+    flagged_share,
+)
 
 MAX_FPR = 0.3
+CONFIDENCE = 0.95
+INTERVAL_METHOD = "wilson"
 
 
 def image_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, rule: dict) -> dict:
@@ -27,10 +37,19 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, rule
         "image_auroc": float(roc_auc_score(labels, scores)),
         "threshold": threshold, "threshold_rule": rule,
         "f1_at_threshold": f1_at(scores, labels, threshold),
-        "recall_at_threshold": float((scores[labels == 1] >= threshold).mean()),
-        "false_alarm_rate_at_threshold": float((scores[labels == 0] >= threshold).mean()),
+        "recall_at_threshold": flagged_share(scores[labels == 1], threshold),
+        "false_alarm_rate_at_threshold": flagged_share(scores[labels == 0], threshold),
         "best_threshold": best_threshold, "f1_at_best_threshold": best_f1,
+        "recall_at_threshold_ci95": flagged_share_ci95(scores[labels == 1], threshold),
+        "false_alarm_rate_at_threshold_ci95": flagged_share_ci95(scores[labels == 0], threshold),
+        "ci95_method": "Wilson score interval",
     }
+
+
+def flagged_share_ci95(scores: np.ndarray, threshold: float) -> list[float]:
+    """[low, high]: the 95% interval of the share of images like these flagged at `threshold`."""
+    interval = binomtest(int((scores >= threshold).sum()), len(scores)).proportion_ci(CONFIDENCE, INTERVAL_METHOD)
+    return [float(interval.low), float(interval.high)]
 
 
 def pixel_metrics(maps: np.ndarray, masks: list[np.ndarray | None]) -> dict:
@@ -45,8 +64,11 @@ def pixel_metrics(maps: np.ndarray, masks: list[np.ndarray | None]) -> dict:
 
 def per_defect_type(defects: list[str], scores: np.ndarray, labels: np.ndarray, threshold: float,
                     maps: np.ndarray, masks: list[np.ndarray | None]) -> dict:
-    """Each defect type (`defects`: per image, the type or GOOD) against all good images."""
+    """Each defect type (`defects`: per image, the type or GOOD) against all good images, so its
+    false-alarm rate is that of all good images."""
     good = labels == 0
+    false_alarms = {"false_alarm_rate_at_threshold": flagged_share(scores[good], threshold),
+                    "false_alarm_rate_at_threshold_ci95": flagged_share_ci95(scores[good], threshold)}
     rows = {}
     for defect in sorted({d for d, label in zip(defects, labels) if label == 1}):
         of_type = np.array([d == defect for d in defects])
@@ -55,9 +77,11 @@ def per_defect_type(defects: list[str], scores: np.ndarray, labels: np.ndarray, 
         rows[defect] = {
             "images": int(of_type.sum()),
             "image_auroc": float(roc_auc_score(labels[chosen], scores[chosen])),
-            "recall_at_threshold": float((scores[of_type] >= threshold).mean()),
+            "recall_at_threshold": flagged_share(scores[of_type], threshold),
             "mean_score": float(scores[of_type].mean()),
             "pixel_auroc": _pixel_auroc(maps, chosen_masks),
+            "recall_at_threshold_ci95": flagged_share_ci95(scores[of_type], threshold),
+            **false_alarms,
         }
     return rows
 

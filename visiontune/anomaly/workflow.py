@@ -16,6 +16,7 @@ from visiontune.anomaly.components.anomaly_map import heatmap_overlay
 from visiontune.anomaly.components.features import resolve_layers
 from visiontune.anomaly.data import (
     GOOD,
+    defect_images,
     good_images,
     labelled_images,
 )
@@ -39,21 +40,25 @@ CSV_COLUMNS = ("path", "score", "decision", "threshold", "heatmap", "reason")
 def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_resnet50_2",
         layers: Sequence[str] | None = None, image_size: int | None = None, coreset_ratio: float = 0.01,
         n_features: int | None = None, weights: str | Path | None = None, pretrained: bool = True,
-        defects: str | Path | None = None, holdout_fraction: float = 0.1, false_alarm_rate: float = 0.01,
+        val_defects: str | Path | None = None, target_recall: float | None = None,
+        holdout_fraction: float = 0.1, false_alarm_rate: float = 0.01,
         out: str | Path | None = None, batch_size: int = 16, workers: int | None = None,
         device: str = "auto", seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
         chunk_patches: int = 2**16, calibration: str = "auto") -> AnomalyModel:
     """Fit `method` on the good images in `good` (a folder, or an MVTec AD category root).
 
-    The threshold is the (1 - false_alarm_rate) quantile of good images' scores, or, with a folder
-    of labelled `defects`, the F1-optimal threshold over both. The good scores are out-of-fold
-    scores of all training images (`calibration="kfold"`, the "auto" choice below 100 images) or
-    those of `holdout_fraction` of them kept out of the fit ("holdout"). Saved to `out` when given.
+    The threshold is the (1 - false_alarm_rate) quantile of good images' scores; with a folder of
+    labelled `val_defects` (data.defect_images), the F1-optimal threshold over both, or, with a
+    `target_recall`, the highest threshold that flags that share of them. The good scores are
+    out-of-fold scores of all training images (`calibration="kfold"`, the "auto" choice below 100
+    images) or those of `holdout_fraction` of them kept out of the fit ("holdout"). Saved to `out`
+    when given.
     """
     if method not in DETECTORS:
         raise UserError(f"unknown method {method!r}; use patchcore or padim")
     folds_for(calibration, 0)  # a misspelt choice stops before any work
     _check_options(coreset_ratio, holdout_fraction, false_alarm_rate, image_size, batch_size)
+    _check_target_recall(target_recall, val_defects)
     check_weights_available(backbone, pretrained, weights)
     with ExitStack() as stack:
         if out is not None:
@@ -62,7 +67,7 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
                 raise UserError(f"{out} already holds a model; pass another --out or remove it")
         layers = resolve_layers(backbone, list(layers) if layers else None, DETECTORS[method].default_strides)
         files = good_images(good)
-        defect_files = [Path(p) for p in expand_image_paths([defects])] if defects is not None else []
+        defect_files = [image.path for image in defect_images(val_defects)] if val_defects is not None else []
         folds = folds_for(calibration, len(files))
         train, holdout = (files, []) if folds else split_holdout(files, holdout_fraction, seed)
         extractor = create_extractor(backbone, layers, pretrained, weights, seed)
@@ -70,7 +75,7 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
                                                   chunk_patches=chunk_patches, seed=seed)
         model = AnomalyModel(extractor, detector, Preprocessing.from_model(extractor.model, image_size),
                              batch_size=batch_size, workers=_workers(workers), max_pixels=max_pixels, device=device)
-        model.fit(train, holdout, defect_files, false_alarm_rate, folds=folds, seed=seed)
+        model.fit(train, holdout, defect_files, false_alarm_rate, folds=folds, seed=seed, target_recall=target_recall)
         if out is not None:
             model.save(out)
     return model
@@ -112,8 +117,9 @@ def predict(model: str | Path | AnomalyModel, paths: Sequence[str | Path], *, ou
 
 def evaluate(model: str | Path | AnomalyModel, data: str | Path, *, out: str | Path | None = None,
              **load_options) -> dict:
-    """Image AUROC, F1 at the saved and at the best threshold, pixel AUROC and AUPRO when masks
-    exist, per-defect-type rows; with `out`, also `out/metrics.json` and `out/report.html`."""
+    """Image AUROC, F1 at the saved and at the best threshold, recall and false-alarm rate at the
+    saved one with 95% intervals, pixel AUROC and AUPRO when masks exist, per-defect-type rows;
+    with `out`, also `out/metrics.json`, `out/score_histogram.png` and `out/report.html`."""
     images = labelled_images(data)
     model = model if isinstance(model, AnomalyModel) else load(model, **load_options)
     return evaluate_model(model, images, Path(out) if out is not None else None)
@@ -141,6 +147,15 @@ def _check_options(coreset_ratio: float, holdout_fraction: float, false_alarm_ra
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def _check_target_recall(target_recall: float | None, val_defects: str | Path | None) -> None:
+    if target_recall is None:
+        return
+    if not 0 < target_recall <= 1:
+        raise UserError(f"--target-recall must be in (0, 1], got {target_recall}")
+    if val_defects is None:
+        raise UserError("--target-recall needs --val-defects: labelled defect images to measure the recall on")
 
 
 def _workers(workers: int | None) -> int:

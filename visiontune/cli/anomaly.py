@@ -53,7 +53,11 @@ def fit(
                                                    "above 1,000 channels].")] = None,
     weights: Annotated[Optional[Path], Opt(help="Local backbone weights (safetensors or state dict).")] = None,
     pretrained: Annotated[bool, Opt("--pretrained/--no-pretrained", help="Pretrained backbone.")] = True,
-    defects: Annotated[Optional[Path], Opt(help="Labelled defect images: the threshold becomes F1-optimal.")] = None,
+    val_defects: Annotated[Optional[Path], Opt("--val-defects", "--defects", help=(
+        "Labelled defect images (a folder, or a folder of defect-type folders) to set the threshold on: "
+        "F1-optimal, or at --target-recall. --defects is the old, deprecated name."))] = None,
+    target_recall: Annotated[Optional[float], Opt(help=(
+        "With --val-defects: the highest threshold that flags at least this share (0-1] of them."))] = None,
     calibration: Annotated[str, Opt(help="auto | kfold | holdout: the good scores behind the threshold are "
                                           "out-of-fold scores of all images (auto: below 100 images) or "
                                           "those of a held-out share.")] = "auto",
@@ -72,9 +76,9 @@ def fit(
         model = anomaly.fit(
             good, method=method, backbone=backbone, layers=layers.split(",") if layers else None,
             image_size=image_size, coreset_ratio=coreset_ratio, n_features=n_features, weights=weights,
-            pretrained=pretrained, defects=defects, holdout_fraction=holdout_fraction,
+            pretrained=pretrained, val_defects=val_defects, holdout_fraction=holdout_fraction,
             false_alarm_rate=false_alarm_rate, out=out, batch_size=batch_size, workers=workers,
-            device=device, seed=seed, max_pixels=max_pixels, calibration=calibration,
+            device=device, seed=seed, max_pixels=max_pixels, calibration=calibration, target_recall=target_recall,
         )
     info = model.fit_info_
     _print_skipped(info["skipped"])

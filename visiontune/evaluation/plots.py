@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from visiontune.data.images import ImageLoadError, load_rgb  # noqa: E402
 from visiontune.io import atomic_write
 
 THUMBNAIL = 160
+SCORE_BINS = 30
+TAB10_GREY = 7  # kept for the negatives
 # Fonts with CJK glyphs, tried glyph by glyph after DejaVu Sans when installed, so that class names
 # in any script are drawn; where none is installed, missing glyphs are boxes, without a warning.
 FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR",
@@ -86,6 +89,26 @@ def prediction_grid_png(rows: list[dict], title: str, path: Path, max_pixels: in
         ax.set_title(f"{row['actual']} -> {row['predicted']}\np={row['probability']:.2f} loss={row['loss']:.2f}",
                      fontsize=9, color="green" if ok else "red")
     fig.suptitle(title)
+    _save(fig, path)
+
+
+def score_histogram_png(groups: dict[str, np.ndarray], threshold: float, caption: str, path: Path) -> None:
+    """Histograms of scores per group (the first, the negatives, filled grey; the others in colour)
+    on shared bins, with a vertical line at the decision `threshold`, so that one sees what it
+    flags of each: anomaly scores of good images and of each defect type."""
+    values = np.concatenate(list(groups.values()))
+    low, high = min(values.min(), threshold), max(values.max(), threshold)
+    edges = np.linspace(low, high if high > low else low + 1, SCORE_BINS + 1)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colours = itertools.cycle(c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != TAB10_GREY)
+    for i, (name, scores) in enumerate(groups.items()):
+        style = ({"histtype": "stepfilled", "color": "grey", "alpha": 0.5} if i == 0
+                 else {"histtype": "step", "color": next(colours), "linewidth": 1.8})
+        ax.hist(scores, bins=edges, label=f"{name} ({len(scores)})", **style)
+    ax.axvline(threshold, color="black", linestyle="--", label=caption)
+    ax.set(xlabel="score", ylabel="images", title="scores and the decision threshold")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     _save(fig, path)
 
 

@@ -17,8 +17,9 @@ from visiontune.anomaly.components.threshold import (
     best_f1_threshold,
     choose_threshold,
     good_quantile_threshold,
+    target_recall_threshold,
 )
-from visiontune.anomaly.metrics import aupro
+from visiontune.anomaly.metrics import aupro, flagged_share_ci95
 from visiontune.anomaly.padim import Padim
 from visiontune.anomaly.patchcore import PatchCore
 from visiontune.errors import UserError
@@ -133,6 +134,26 @@ def test_threshold_rules() -> None:
     threshold, rule = choose_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.25, 0.8, 0.9]), 0.01)
     assert rule == "f1-optimal" and threshold == 0.25  # F1 6/7 at 0.25 beats 0.8 at 0.8
     assert best_f1_threshold(np.array([0.1, 0.9]), np.array([0, 1])) == (0.9, 1.0)
+
+
+def test_target_recall_is_the_highest_threshold_that_reaches_it() -> None:
+    defects = np.array([0.9, 0.5, 0.7, 0.7, 0.2, 0.8, 0.3, 0.6, 0.4, 0.1])
+    for target, expected in [(0.1, 0.9), (0.3, 0.7), (0.4, 0.7), (0.7, 0.4), (0.75, 0.3), (1.0, 0.1)]:
+        threshold = target_recall_threshold(defects, target)
+        assert threshold == expected, target
+        assert (defects >= threshold).mean() >= target
+        higher = defects[defects > threshold]
+        assert higher.size == 0 or (defects >= higher.min()).mean() < target
+    assert choose_threshold(np.array([0.0, 0.35]), defects, 0.01, target_recall=0.7) == (0.4, "target-recall")
+    with pytest.raises(ValueError, match="needs defect scores"):
+        choose_threshold(np.array([0.0, 0.35]), None, 0.01, target_recall=0.7)
+
+
+def test_flagged_shares_have_wilson_intervals() -> None:
+    scores = np.r_[np.ones(8), np.zeros(2)]
+    assert flagged_share_ci95(scores, 0.5) == pytest.approx([0.4901625, 0.9433178], abs=1e-6)  # 8 of 10
+    assert flagged_share_ci95(scores, 2.0) == pytest.approx([0.0, 0.2775328], abs=1e-6)  # none of 10
+    assert flagged_share_ci95(scores, 0.0) == pytest.approx([0.7224672, 1.0], abs=1e-6)  # all 10
 
 
 def test_default_layers_follow_the_stride_and_unknown_layers_are_named() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from visiontune import anomaly
-from visiontune.anomaly.data import good_images, labelled_images, load_mask
+from visiontune.anomaly.data import (
+    defect_images,
+    good_images,
+    labelled_images,
+    load_mask,
+)
 from visiontune.cli.anomaly import anomaly_app
 from visiontune.errors import UserError
 
@@ -38,6 +44,22 @@ def test_plain_layout_with_masks_in_a_parallel_folder(tmp_path: Path) -> None:
     assert images["s1.png"].mask == root / "masks" / "scratch" / "s1.png"
     assert images["unmasked.png"].is_anomalous and images["unmasked.png"].mask is None
     assert "masks" not in {i.defect for i in images.values()}
+
+
+def test_validation_defects_are_a_folder_or_type_folders_never_masks_or_good(tmp_path: Path, mvtec: Path) -> None:
+    root = write_plain(tmp_path / "plain", n=3)
+    with pytest.raises(UserError, match="holds a 'good' folder"):
+        defect_images(root)
+    shutil.rmtree(root / "good")
+    shutil.copytree(root / "scratch", root / "dent")
+    typed = defect_images(root)
+    assert [(i.defect, i.path.name) for i in typed] == [(t, f"s{k}.png") for t in ("dent", "scratch") for k in range(3)]
+    assert typed[3].mask == root / "masks" / "scratch" / "s0.png" and typed[0].mask is None
+    flat = defect_images(mvtec / "test" / "scratch")
+    assert len(flat) == 16 and {i.defect for i in flat} == {"scratch"}
+    (tmp_path / "empty" / "masks").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images found"):
+        defect_images(tmp_path / "empty")
 
 
 def test_soft_masks_are_binarised_at_half_scale_and_empty_masks_stay_anomalous(tmp_path: Path) -> None:
@@ -75,6 +97,13 @@ def test_cli_fit_predict_evaluate(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "fitted padim on 6 images (test_resnet: layer1, layer2, 64 px)" in result.output  # all: k-fold
     assert "from 6 good scores: 5-fold out-of-bank" in result.output
+    result = runner.invoke(anomaly_app, ["fit", str(root / "good"), "--out", str(tmp_path / "recall"), "--backbone",
+                                         "test_resnet", "--no-pretrained", "--image-size", "64", "--method", "padim",
+                                         "--defects", str(root / "scratch"), "--target-recall", "0.5", *common])
+    assert result.exit_code == 0, result.output  # --defects: the deprecated name of --val-defects
+    rule = json.loads((tmp_path / "recall" / "model.json").read_text())["threshold_rule"]
+    assert rule["rule"] == "target-recall" and rule["validation_defect_images"] == 6
+    assert rule["validation_recall"] >= 0.5
     result = runner.invoke(anomaly_app, ["predict", str(model_dir), str(root / "scratch"), "--out",
                                          str(tmp_path / "s.csv"), "--heatmaps", str(tmp_path / "heat"), *common])
     assert result.exit_code == 0, result.output
@@ -97,6 +126,9 @@ def test_cli_fit_predict_evaluate(tmp_path: Path) -> None:
         (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--backbone", "resnet_18"], "unknown model 'resnet_18'"),
         (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--backbone", "test_resnet"], "--no-pretrained"),
         (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--coreset-ratio", "2"], "--coreset-ratio must be in"),
+        (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--target-recall", "0.9"], "--target-recall needs --val-defects"),
+        (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--target-recall", "0", "--val-defects", "{tmp}/empty"],
+         "--target-recall must be in (0, 1]"),
         (["predict", "{tmp}/empty", "{tmp}/empty", "--out", "{tmp}/s.csv"], "not an anomaly model directory"),
         (["evaluate", "{tmp}/empty", "--data", "{tmp}/empty"], "needs a 'good' folder"),
     ],

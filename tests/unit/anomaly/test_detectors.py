@@ -1,9 +1,11 @@
 """Both methods on synthetic scratches with a small random-init backbone: accuracy, exact reload,
-the threshold rule, and saving without pickle."""
+the threshold rules, intervals and the report, and saving without pickle."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,13 @@ import pytest
 
 from visiontune import anomaly
 from visiontune.anomaly.calibration import cached_embeddings, out_of_fold_scores
+from visiontune.anomaly.components.threshold import flagged_share
 from visiontune.anomaly.data import good_images
 from visiontune.anomaly.workflow import split_holdout
 
-from .conftest import FIT_OPTIONS
+from .conftest import FIT_OPTIONS, write_plain
+
+TARGET = 0.75
 
 
 @pytest.fixture(scope="module", params=["patchcore", "padim"])
@@ -76,12 +81,56 @@ def test_holdout_calibration_is_the_upper_quantile_of_held_out_good_scores(mvtec
 
 def test_labelled_defects_make_the_threshold_f1_optimal(mvtec: Path) -> None:
     options = FIT_OPTIONS | {"image_size": 64}
-    model = anomaly.fit(mvtec, method="padim", defects=mvtec / "test" / "scratch", **options)
+    model = anomaly.fit(mvtec, method="padim", val_defects=mvtec / "test" / "scratch", **options)
     assert model.threshold_rule_ == {"rule": "f1-optimal", "calibration_scores": 40}
     assert model.fit_info_["defect_images"] == 16
     good = model.score(good_images(mvtec)).scores
     bad = model.score(sorted((mvtec / "test" / "scratch").glob("*.png"))).scores
     assert (good < model.threshold_).all() and (bad >= model.threshold_).all()  # separable here: F1 = 1
+
+
+@pytest.fixture(scope="module")
+def target_recall_fit(mvtec: Path, tmp_path_factory) -> tuple[Path, Path, anomaly.AnomalyModel]:
+    """PaDiM with its threshold at a target recall on 8 validation scratches apart from the test set
+    (defect-type layout with masks beside them, which are not validation images)."""
+    val = write_plain(tmp_path_factory.mktemp("val") / "defects", seed=7, n=8)
+    shutil.rmtree(val / "good")
+    out = tmp_path_factory.mktemp("target") / "model"
+    model = anomaly.fit(mvtec, method="padim", val_defects=val, target_recall=TARGET, out=out,
+                        **FIT_OPTIONS | {"image_size": 64})
+    return val, out, model
+
+
+def test_target_recall_threshold_is_the_highest_that_reaches_it_on_validation(target_recall_fit, mvtec: Path) -> None:
+    val, out, model = target_recall_fit
+    rule = json.loads((out / "model.json").read_text())["threshold_rule"]
+    threshold = model.threshold_
+    val_scores = model.score(sorted((val / "scratch").glob("*.png"))).scores
+    embeddings = cached_embeddings(model, good_images(mvtec), [], {"load_s": 0.0, "features_s": 0.0, "images": 0})
+    good_scores, _ = out_of_fold_scores(model, embeddings, 5, seed=0)
+    assert rule == {"rule": "target-recall", "calibration_scores": 40, "target_recall": TARGET,
+                    "validation_defect_images": 8, "validation_recall": flagged_share(val_scores, threshold),
+                    "validation_false_alarm_rate": flagged_share(good_scores, threshold)}
+    assert rule["validation_recall"] >= TARGET
+    next_higher = val_scores[val_scores > threshold].min()
+    assert flagged_share(val_scores, next_higher) < TARGET
+
+
+def test_rates_at_the_threshold_come_with_intervals_and_the_report_shows_it(target_recall_fit, mvtec: Path,
+                                                                          tmp_path: Path) -> None:
+    _, _, model = target_recall_fit
+    metrics = anomaly.evaluate(model, mvtec, out=tmp_path / "eval")
+    rows = [metrics, *metrics["per_defect_type"].values()]
+    for row in rows:
+        for rate in ("recall_at_threshold", "false_alarm_rate_at_threshold"):
+            low, high = row[f"{rate}_ci95"]
+            assert 0 <= low <= row[rate] <= high <= 1 and low < high, rate
+    assert metrics["ci95_method"] == "Wilson score interval"
+    assert metrics["per_defect_type"]["scratch"]["recall_at_threshold"] == metrics["recall_at_threshold"]
+    report = (tmp_path / "eval" / "report.html").read_text()
+    histogram = re.search(r'<section id="score-histogram">.*?src="(data:image/png;base64,[^"]+)"', report, re.DOTALL)
+    assert histogram and (tmp_path / "eval" / "score_histogram.png").is_file()
+    assert "rule target-recall" in report and "95% CI" in report
 
 
 def test_predict_writes_scores_decisions_and_heatmaps(fitted, mvtec: Path, tmp_path: Path) -> None:

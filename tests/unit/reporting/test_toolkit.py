@@ -67,7 +67,8 @@ def test_the_anomaly_page_escapes_file_names_labels_and_reasons():
             "picture": Image.new("RGB", (4, 4))}
     page = render(
         "anomaly.html", title=HOSTILE, threshold=0.25, rule={"rule": HOSTILE}, metrics={
-            "recall_at_threshold": 1.0, "false_alarm_rate_at_threshold": 0.0},
+            "recall_at_threshold": 1.0, "false_alarm_rate_at_threshold": 0.0, "recall_at_threshold_ci95": [0.4, 1.0],
+            "false_alarm_rate_at_threshold_ci95": [0.0, 0.6], "ci95_method": "Wilson score interval"}, histogram=None,
         summary={"aupro": float("nan")}, columns=["images", "pixel_auroc"],
         per_type={HOSTILE: {"images": 3, "pixel_auroc": None}},
         skipped=[{"path": f"{HOSTILE}.png", "reason": HOSTILE}], misses=[card], alarms=[],
