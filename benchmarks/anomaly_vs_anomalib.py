@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,10 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-BACKBONE = "tf_efficientnet_lite0"
-LAYERS = ["blocks.2", "blocks.4"]
-ANOMALIB_SPEC = "anomalib==2.7.*"
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anomaly_common import (
+    BACKBONE,
+    LAYERS,
+    accuracy,
+    anomalib_model,
+    anomalib_predict,
+    ensure_anomalib_venv,
+    peak_rss_gib,
+    run_worker,
+)
 
 # ---------------------------------------------------------------- data
 
@@ -91,12 +97,6 @@ def make_dataset(root: Path, n_train: int, n_test: int, px: int, seed: int) -> P
 # ---------------------------------------------------------------- workers (run in subprocesses)
 
 
-def peak_rss_gib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 2**20  # ru_maxrss is in KiB on Linux
-
-
 def test_paths(root: Path) -> list[Path]:
     return sorted((root / "test" / "good").glob("*.png")) + sorted((root / "test" / "scratch").glob("*.png"))
 
@@ -128,30 +128,12 @@ def visiontune_worker(args: argparse.Namespace) -> dict:
 
 
 def anomalib_worker(args: argparse.Namespace) -> dict:
-    import timm
-    import torch
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
-    from anomalib.models import Padim, Patchcore
-    from anomalib.post_processing import PostProcessor
-    from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms import v2
 
     out = Path(args.out) / f"anomalib-{args.method}"
     shutil.rmtree(out, ignore_errors=True)
-    pre = PreProcessor(transform=v2.Compose([v2.Resize((args.size, args.size), antialias=True),
-                                             v2.Normalize([0.5] * 3, [0.5] * 3)]))
-    common = dict(backbone=BACKBONE, layers=LAYERS, pre_trained=False, pre_processor=pre,
-                  post_processor=PostProcessor(enable_normalization=False), evaluator=False, visualizer=False)
-    if args.method == "patchcore":
-        model = Patchcore(coreset_sampling_ratio=args.coreset_ratio, **common)
-    else:
-        model = Padim(n_features=100, **common)
-    # anomalib asks timm for the hub weights (unreachable here): load the same file instead.
-    extractor = model.model.feature_extractor.feature_extractor
-    reference = timm.create_model(BACKBONE, features_only=True, exportable=True, out_indices=[2, 3],
-                                  pretrained=True, pretrained_cfg_overlay={"file": args.weights})
-    extractor.load_state_dict(reference.state_dict())
+    model = anomalib_model(args.method, args.size, args.coreset_ratio, args.weights)
     data = Path(args.data)
     datamodule = MVTecAD(root=data.parent, category=data.name, train_batch_size=32, eval_batch_size=32,
                          num_workers=1, val_split_mode="from_train", val_split_ratio=0.1, seed=0)
@@ -162,71 +144,30 @@ def anomalib_worker(args: argparse.Namespace) -> dict:
     fit_s = time.perf_counter() - started
     result = {"fit_s": fit_s, "fit_rss_gib": peak_rss_gib()}
     datamodule.setup()
-    loader = datamodule.test_dataloader()
-    rates = []
-    for _ in range(2):  # as for visiontune: a first and a second pass
-        started = time.perf_counter()
-        batches = engine.predict(model=model, dataloaders=loader)
-        rates.append(len(loader.dataset) / (time.perf_counter() - started))
-    paths = [p for batch in batches for p in batch.image_path]
-    scores = torch.cat([batch.pred_score.flatten() for batch in batches])
-    maps = torch.cat([batch.anomaly_map.reshape(len(batch.image_path), args.size, args.size) for batch in batches])
+    predicted = anomalib_predict(engine, model, datamodule.test_dataloader(), args.size)  # two passes, as above
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "maps.npy", maps.float().numpy())
-    return result | {"predict_images_per_s": rates, "paths": paths, "scores": scores.tolist(),
-                     "maps": str(out / "maps.npy"), "peak_rss_gib": peak_rss_gib()}
+    np.save(out / "maps.npy", predicted["maps"])
+    return result | {"predict_images_per_s": predicted["predict_images_per_s"], "paths": predicted["paths"],
+                     "scores": predicted["scores"].tolist(), "maps": str(out / "maps.npy"),
+                     "peak_rss_gib": peak_rss_gib()}
 
 
 # ---------------------------------------------------------------- orchestration
 
 
-def ensure_anomalib_venv(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    if python.is_file() and subprocess.run([python, "-c", "import anomalib"], capture_output=True).returncode == 0:
-        return python
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    site = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    (venv / "lib" / version / "site-packages" / "zz_shared_torch.pth").write_text(f"{site}\n")
-    subprocess.run([python, "-m", "pip", "install", "-q", ANOMALIB_SPEC], check=True)
-    return python
-
-
-def run_worker(python: Path, tool: str, method: str, args: argparse.Namespace, data: Path, fit_only: bool = False,
-               timeout: float | None = None) -> dict:
-    command = [str(python), __file__, "--worker", tool, "--method", method, "--data", str(data), "--out", args.out,
+def worker(python: Path, tool: str, method: str, args: argparse.Namespace, data: Path, fit_only: bool = False,
+           timeout: float | None = None) -> dict:
+    command = ["--worker", tool, "--method", method, "--data", str(data), "--out", args.out,
                "--weights", args.weights, "--size", str(args.size), "--coreset-ratio", str(args.coreset_ratio)]
-    if fit_only:
-        command.append("--fit-only")
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout:.0f} s"}
-    wall = time.perf_counter() - started
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
-        return {"error": f"exit {done.returncode}: " + " | ".join(tail), "wall_s": wall}
-    return json.loads(lines[-1].removeprefix("RESULT ")) | {"wall_s": wall}
+    return run_worker(python, __file__, command + (["--fit-only"] if fit_only else []), timeout)
 
 
-def accuracy(result: dict, size: int, data: Path) -> dict:
-    """Image and pixel AUROC from a worker's raw scores and maps, against the same masks."""
-    from sklearn.metrics import roc_auc_score
-
-    from visiontune.anomaly.data import load_mask
-    from visiontune.anomaly.metrics import aupro
-
-    paths = [Path(p) for p in result["paths"]]
-    labels = np.array([p.parent.name != "good" for p in paths])
-    maps = np.load(result["maps"])
-    masks = np.stack([
-        load_mask(data / "ground_truth" / "scratch" / f"{p.stem}_mask.png", size, 10**9) if label
-        else np.zeros((size, size), bool) for p, label in zip(paths, labels)
-    ])
-    return {"image_auroc": roc_auc_score(labels, result["scores"]),
-            "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()), "aupro": aupro(maps, masks)}
+def scores_accuracy(result: dict, size: int, data: Path) -> dict:
+    """Image and pixel AUROC and AUPRO from a worker's raw scores and maps, against the same masks."""
+    truth = {p: ("good", None) if Path(p).parent.name == "good"
+             else ("scratch", data / "ground_truth" / "scratch" / f"{Path(p).stem}_mask.png") for p in result["paths"]}
+    measured = accuracy(result["paths"], result["scores"], np.load(result["maps"]), truth, size)
+    return {key: measured[key] for key in ("image_auroc", "pixel_auroc", "aupro")}
 
 
 def main() -> None:
@@ -276,9 +217,9 @@ def main() -> None:
         tools = [("visiontune", Path(sys.executable))] + ([("anomalib", anomalib_python)] if anomalib_python else [])
         for tool, python in tools:
             print(f"running {tool} {method} ...", flush=True)
-            result = run_worker(python, tool, method, args, data, timeout=args.anomalib_timeout)
+            result = worker(python, tool, method, args, data, timeout=args.anomalib_timeout)
             if "error" not in result:
-                result |= accuracy(result, args.size, data)
+                result |= scores_accuracy(result, args.size, data)
                 for key in ("paths", "scores", "maps"):
                     result.pop(key)
             report["runs"][f"{tool}-{method}"] = result
@@ -286,7 +227,7 @@ def main() -> None:
     if args.scale_train:
         print(f"running visiontune patchcore on {args.scale_train} images (fit only) ...", flush=True)
         scale_data = make_dataset(out / "data" / "scale", args.scale_train, 2, args.px, seed=1)
-        report["runs"][f"visiontune-patchcore-fit-{args.scale_train}"] = run_worker(
+        report["runs"][f"visiontune-patchcore-fit-{args.scale_train}"] = worker(
             Path(sys.executable), "visiontune", "patchcore", args, scale_data, fit_only=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
