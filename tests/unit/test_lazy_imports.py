@@ -13,7 +13,7 @@ import visiontune
 from visiontune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "lightning", "timm", "optuna", "sklearn", "matplotlib", "scipy", "onnx")
+HEAVY = ("torch", "lightning", "timm", "optuna", "sklearn", "matplotlib", "scipy", "onnx", "numpy", "PIL")
 API = {"ComparisonResult", "LrFindResult", "Run", "TrainConfig", "UserError", "__version__", "check_data",
        "compare", "fit", "load_run", "lr_find"}
 

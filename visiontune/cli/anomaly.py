@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from visiontune.config import DEFAULT_MAX_PIXELS
-from visiontune.errors import UserError
+from visiontune.errors import UserError, require_some_read
 
 anomaly_app = typer.Typer(
     help="Unsupervised defect detection (PatchCore, PaDiM) trained on good images only.",
@@ -102,7 +102,6 @@ def predict(
 ) -> None:
     """Score images: anomaly score, decision at the saved threshold, optional heat-map overlays."""
     from visiontune import anomaly
-    from visiontune.data.paths import require_some_read
 
     with _user_errors():
         rows = anomaly.predict(model_dir, paths, out=out, heatmaps=heatmaps, batch_size=batch_size,

@@ -26,8 +26,7 @@ from visiontune.cli.compare import register as register_compare
 from visiontune.cli.features import register as register_features
 from visiontune.cli.tune import tune as tune_command
 from visiontune.config import TrainConfig, build_config
-from visiontune.data.paths import require_some_read
-from visiontune.errors import UserError
+from visiontune.errors import UserError, require_some_read
 
 app = typer.Typer(
     help="Turn a folder of images into a working vision model.",

@@ -1,4 +1,4 @@
-"""The images a command was given: files as named, folders searched, and the rule for none read.
+"""The images a command was given: files as named, folders searched.
 
 Every command that takes images (predict, explain, features, anomaly predict) expands its inputs
 here, so a folder, a file and a missing path mean the same thing everywhere.
@@ -28,11 +28,3 @@ def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[str]:
     if not found:
         raise UserError("no image files found in " + ", ".join(map(str, inputs)))
     return found
-
-
-def require_some_read(done: int, skipped: int, verb: str) -> None:
-    """The rule of every command that takes images (predict, explain, anomaly predict): a missing
-    path or no image file at all is an error up front (`expand_image_paths`); unreadable files are
-    listed, not fatal; but a command that could read none of them failed, and says so (exit 2)."""
-    if done == 0:
-        raise UserError(f"none of the {skipped} image file(s) could be read, so nothing was {verb}")
