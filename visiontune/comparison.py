@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 
 from visiontune.config import TrainConfig, build_config, config_for
+from visiontune.data.samples import Sample
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
 from visiontune.inference.timing import time_call
@@ -114,13 +115,16 @@ def _model_names(models: str | list[str]) -> list[str]:
 
 def _shared_split(cfg: TrainConfig, out_dir: Path, console: Console) -> Path:
     """OUT/splits.csv: made once, then the data source of every run (reused when OUT is reused)."""
-    path, samples, reused = split_once(cfg, out_dir)
+    path, _, reused = split_once(cfg, out_dir, check=_require_test_split)
     if reused:
         console.print(f"reusing the split in {path}")
+    return path
+
+
+def _require_test_split(samples: list[Sample]) -> None:
     if not any(s.split == "test" for s in samples):
         raise UserError("compare evaluates every model on a held-out test split, and this data has none; "
                         "set --test-fraction above 0 or add a test/ folder")
-    return path
 
 
 def _test_metrics(run: Run, cfg: TrainConfig) -> dict:

@@ -77,6 +77,7 @@ def test_unknown_model_stops_before_any_training(three_classes, tmp_path):
 def test_compare_needs_a_test_split(three_classes, tmp_path):
     with pytest.raises(UserError, match="held-out test split"):
         visiontune.compare(three_classes, models="test_resnet", out=tmp_path / "c", **{**OPTIONS, "test_fraction": 0})
+    assert not (tmp_path / "c" / "splits.csv").exists()  # refused before it is written, so never reused
 
 
 def test_cli_compare_takes_train_options(three_classes, tmp_path):

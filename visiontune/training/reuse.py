@@ -8,7 +8,7 @@ resumed, and only a missing one is trained, so an interrupted command picks up w
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from rich.console import Console
@@ -26,14 +26,23 @@ from visiontune.training.finetune import fit
 log = logging.getLogger(__name__)
 
 
-def split_once(cfg: TrainConfig, out_dir: Path) -> tuple[Path, list[Sample], bool]:
-    """(OUT/splits.csv, its samples, whether it was reused): made from `cfg`'s data the first time."""
+def split_once(cfg: TrainConfig, out_dir: Path,
+               check: Callable[[list[Sample]], None] | None = None) -> tuple[Path, list[Sample], bool]:
+    """(OUT/splits.csv, its samples, whether it was reused): made from `cfg`'s data the first time.
+
+    `check` sees a new split before it is written, so a split it refuses is never reused later.
+    """
     path = out_dir / SPLITS_FILE
     if path.is_file():
-        return path, discover(path).samples, True
+        samples = discover(path).samples
+        if check is not None:
+            check(samples)
+        return path, samples, True
     found = discover(cfg.data, cfg.label_regex, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     for note in found.notes:
         log.warning(note)
+    if check is not None:
+        check(found.samples)
     write_splits_csv(found.samples, path)
     return path, found.samples, False
 
