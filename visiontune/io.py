@@ -97,10 +97,6 @@ def write_csv_atomic(path: Path, fieldnames: list[str], rows: list[dict] | list[
     atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue(), encoding="utf-8", newline=""))
 
 
-def write_json_atomic(path: Path, value: object) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2))
-
-
 def read_json(path: Path) -> dict:
     """A JSON object from a run file, or one UserError naming the file and what is wrong."""
     try:
