@@ -64,6 +64,7 @@ from anomaly_common import (
     load_average,
     peak_rss_gib,
     run_worker,
+    visiontune_scores,
 )
 
 GOOD_CLASS = "Free"
@@ -178,14 +179,7 @@ def visiontune_worker(args: argparse.Namespace) -> dict:
     result |= {"evaluate_s": evaluate_s, "evaluate_images_per_s": len(paths) / evaluate_s,
                "own_metrics": {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold",
                                                        "recall_at_threshold", "false_alarm_rate_at_threshold")}}
-    rates = []
-    for _ in range(2):
-        started = time.perf_counter()
-        scored = model.score(paths)
-        rates.append(len(paths) / (time.perf_counter() - started))
-    np.save(out / "maps.npy", scored.maps)
-    return result | {"score_images_per_s": rates, "paths": [str(p) for p in scored.paths],
-                     "scores": scored.scores.tolist(), "maps": str(out / "maps.npy"), "peak_rss_gib": peak_rss_gib()}
+    return result | visiontune_scores(model, paths, out, "score_images_per_s")
 
 
 def anomalib_worker(args: argparse.Namespace) -> dict:

@@ -41,6 +41,7 @@ from anomaly_common import (
     ensure_anomalib_venv,
     peak_rss_gib,
     run_worker,
+    visiontune_scores,
 )
 
 # ---------------------------------------------------------------- data
@@ -117,14 +118,7 @@ def visiontune_worker(args: argparse.Namespace) -> dict:
     if args.fit_only:
         return result
     paths = test_paths(Path(args.data))
-    rates = []
-    for _ in range(2):  # the first pass includes loader start-up and first-batch latency
-        started = time.perf_counter()
-        scored = model.score(paths)
-        rates.append(len(paths) / (time.perf_counter() - started))
-    np.save(out / "maps.npy", scored.maps)
-    return result | {"predict_images_per_s": rates, "paths": [str(p) for p in scored.paths],
-                     "scores": scored.scores.tolist(), "maps": str(out / "maps.npy"), "peak_rss_gib": peak_rss_gib()}
+    return result | visiontune_scores(model, paths, out, "predict_images_per_s")
 
 
 def anomalib_worker(args: argparse.Namespace) -> dict:
