@@ -15,7 +15,12 @@ from scipy import ndimage
 from visiontune.anomaly.base import AnomalyModel, Scores
 from visiontune.anomaly.components.anomaly_map import heatmap_overlay
 from visiontune.anomaly.data import GOOD, LabelledImage, load_mask
-from visiontune.anomaly.metrics import image_metrics, per_defect_type, pixel_metrics
+from visiontune.anomaly.metrics import (
+    RankedPixels,
+    image_metrics,
+    per_defect_type,
+    pixel_metrics,
+)
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.validate import Skipped
 from visiontune.errors import UserError
@@ -40,10 +45,12 @@ def evaluate_model(model: AnomalyModel, images: list[LabelledImage], out: Path |
         raise UserError("after skipping unreadable files, evaluation needs both good and defect images")
     scores, threshold = scored.scores, model.threshold_
     masks, mask_skipped = _masks(kept, model)
+    defects = [image.defect for image in kept]
+    pixels = RankedPixels(scored.maps, masks, defects)
     metrics = image_metrics(scores, labels, threshold, model.threshold_rule_)
-    metrics |= pixel_metrics(scored.maps, masks)
-    metrics["per_defect_type"] = per_defect_type([image.defect for image in kept], scores, labels, threshold,
-                                                 scored.maps, masks)
+    metrics |= pixel_metrics(pixels)
+    metrics["per_defect_type"] = per_defect_type(defects, scores, labels, threshold, pixels)
+    del pixels  # its sorted copy of every pixel is not needed for the report
     metrics["skipped"] = [vars(s) for s in scored.skipped + mask_skipped]
     if out is not None:
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -14,7 +14,11 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from visiontune.anomaly.base import PatchDetector
-from visiontune.anomaly.components.coreset import greedy_coreset, nearest_neighbours
+from visiontune.anomaly.components.coreset import (
+    greedy_coreset,
+    nearest_neighbours,
+    squared_distances,
+)
 from visiontune.anomaly.components.features import patch_embedding
 
 LOCAL_POOL = 3
@@ -69,14 +73,30 @@ class PatchCore(PatchDetector):
     def score(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _, height, width = embedding.shape
         features = _rows(embedding)
-        distances, nearest = nearest_neighbours(features, self.memory_bank_)
-        patch_scores = distances.view(batch, height * width)
-        worst = patch_scores.argmax(dim=1)
+        patch_scores, worst, nearest = self._nearest_bank_patches(features, height * width)
         images = torch.arange(batch, device=embedding.device)
         image_scores = patch_scores[images, worst] * self._isolation_weight(
-            features.view(batch, height * width, -1)[images, worst], nearest.view(batch, -1)[images, worst]
-        )
+            features.view(batch, height * width, -1)[images, worst], nearest)
         return patch_scores.view(batch, height, width), image_scores
+
+    def _nearest_bank_patches(self, features: torch.Tensor, patches: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distances [B, patches] to the nearest bank patch, each image's farthest patch [B] and the
+        index of its nearest bank patch [B]: torch.cdist's distances and first minimum and maximum,
+        with the index found only for the farthest patch of each image, block by block."""
+        distances = torch.empty(len(features), dtype=features.dtype, device=features.device)
+        worst = torch.zeros(len(features) // patches, dtype=torch.long, device=features.device)
+        nearest = torch.zeros_like(worst)
+        for start, squared in squared_distances(features, self.memory_bank_):
+            block = squared.amin(dim=1).clamp_min_(0).sqrt_()
+            distances[start:start + len(block)] = block
+            for image in range(start // patches, (start + len(block) - 1) // patches + 1):
+                first, stop = max(image * patches, start), min((image + 1) * patches, start + len(block))
+                row = first + int(block[first - start:stop - start].argmax())
+                if image * patches == first or distances[row] > distances[image * patches + worst[image]]:
+                    worst[image] = row - image * patches
+                    nearest[image] = squared[row - start].clamp_min(0).sqrt_().argmin()
+        return distances.view(-1, patches), worst, nearest
 
     def _isolation_weight(self, worst_patches: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """1 - softmax over the distances to the nearest bank patch and its bank neighbours."""

@@ -24,7 +24,9 @@ stdout = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 Opt = typer.Option
 
-Workers = Annotated[Optional[int], Opt(help="Image loading processes (default: cores - 1, at most 4).")]
+Workers = Annotated[Optional[int], Opt(help="Image loading processes (default: on a CPU, planned with torch's "
+                                               "threads for the cores free now, none up to 3; on a GPU, cores - 1, "
+                                               "at most 4).")]
 Device = Annotated[str, Opt(help="auto | cpu | cuda")]
 BatchSize = Annotated[int, Opt(help="Images per batch.")]
 
@@ -102,6 +104,9 @@ def predict(
 ) -> None:
     """Score images: anomaly score, decision at the saved threshold, optional heat-map overlays."""
     from visiontune import anomaly
+    from visiontune.devices import reuse_freed_memory
+
+    reuse_freed_memory()  # this process ends with the command
 
     with _user_errors():
         rows = anomaly.predict(model_dir, paths, out=out, heatmaps=heatmaps, batch_size=batch_size,
@@ -127,6 +132,9 @@ def evaluate(
 ) -> None:
     """Image AUROC, F1, pixel AUROC and AUPRO with masks, per defect type, and an HTML report."""
     from visiontune import anomaly
+    from visiontune.devices import reuse_freed_memory
+
+    reuse_freed_memory()  # this process ends with the command
 
     with _user_errors():
         metrics = anomaly.evaluate(model_dir, data, out=out or model_dir / "evaluation",

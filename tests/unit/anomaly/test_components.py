@@ -1,5 +1,6 @@
 """Components on plain tensors: the Gaussian (robust with threads set), the streaming coreset and
-its memory bound, AUPRO, thresholds, feature layers and weights."""
+its memory bound, PatchCore's distances and the pixel metrics against slow references, thresholds,
+feature layers, weights and the inference copy of the backbone."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+from sklearn.metrics import roc_auc_score
 
-from visiontune.anomaly.components.coreset import greedy_coreset, nearest_neighbours
+from visiontune.anomaly.components.coreset import (
+    greedy_coreset,
+    nearest_neighbours,
+    nearest_squared_distance,
+)
 from visiontune.anomaly.components.features import resolve_layers
 from visiontune.anomaly.components.gaussian import PositionGaussians
 from visiontune.anomaly.components.threshold import (
@@ -19,7 +25,12 @@ from visiontune.anomaly.components.threshold import (
     good_quantile_threshold,
     target_recall_threshold,
 )
-from visiontune.anomaly.metrics import aupro, flagged_share_ci95
+from visiontune.anomaly.metrics import (
+    RankedPixels,
+    aupro,
+    flagged_share_ci95,
+    pixel_metrics,
+)
 from visiontune.anomaly.padim import Padim
 from visiontune.anomaly.patchcore import PatchCore
 from visiontune.errors import UserError
@@ -102,11 +113,17 @@ def test_patchcore_fit_holds_one_chunk_whatever_the_number_of_images() -> None:
         assert most_alive <= chunk_patches // (4 * 16) + 1  # batches waiting to form one chunk
 
 
-def test_aupro_matches_a_threshold_by_threshold_computation() -> None:
+@pytest.mark.parametrize("ties", [False, True], ids=["float64", "float32-with-ties"])
+def test_aupro_equals_a_slow_reference_on_small_maps(ties: bool) -> None:
+    """The threshold-by-threshold definition; float32 maps with many ties, negative scores and
+    -0.0 take the sorted-integer path, float64 maps the ranked one."""
     rng = np.random.default_rng(0)
     masks = np.zeros((3, 20, 20), bool)
     masks[0, 2:6, 2:8] = masks[0, 12:15, 12:19] = masks[1, 5:9, 5:9] = True
     maps = rng.random(masks.shape) + 0.6 * masks
+    if ties:
+        maps = np.round(maps - 0.8, 1).astype(np.float32)
+        assert (np.signbit(maps) & (maps == 0)).any()  # -0.0, a tie of 0.0
     value = aupro(maps, masks)
     from scipy import ndimage
 
@@ -121,6 +138,85 @@ def test_aupro_matches_a_threshold_by_threshold_computation() -> None:
     x, y = np.r_[fprs[inside], 0.3], np.r_[pros[inside], np.interp(0.3, fprs, pros)]
     assert value == pytest.approx(np.trapezoid(y, x) / 0.3, rel=1e-9)
     assert aupro(masks.astype(float), masks) == pytest.approx(1.0)
+    assert aupro(masks.astype(np.float32), masks) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pixel_aurocs_equal_scikit_learns_with_ties_and_images_without_masks(dtype) -> None:
+    defects = ["good", "good", "good", "scratch", "scratch", "dent", "dent", "hole"]
+    masks: list[np.ndarray | None] = [np.zeros((12, 12), bool) for _ in defects]
+    masks[3][2:5, 2:6] = masks[3][8:10, 8:11] = masks[5][4:9, 1:3] = True  # masks[4]: empty, kept
+    masks[6] = masks[7] = None  # no usable mask: left out, and "hole" has no pixel AUROC
+    marked = np.stack([mask if mask is not None else np.ones((12, 12), bool) for mask in masks])
+    maps = np.round(np.random.default_rng(1).random(marked.shape) + 0.5 * marked, 1).astype(dtype)
+    pixels = RankedPixels(maps, masks, defects)
+
+    def reference(images) -> float:
+        kept = [i for i in images if masks[i] is not None]
+        return roc_auc_score(np.stack([masks[i] for i in kept]).ravel(), maps[kept].ravel())
+
+    metrics = pixel_metrics(pixels)
+    assert metrics["pixel_auroc"] == pytest.approx(reference(range(len(defects))), rel=1e-12)
+    assert metrics["defect_images_without_mask"] == 2
+    for defect in ("scratch", "dent"):
+        chosen = [i for i, name in enumerate(defects) if name in (defect, "good")]
+        assert pixels.auroc(defect) == pytest.approx(reference(chosen), rel=1e-12)
+    assert pixels.auroc("hole") is None
+    unmarked = pixel_metrics(RankedPixels(maps, [np.zeros((12, 12), bool)] * len(defects), defects))
+    assert unmarked["pixel_auroc"] is None and unmarked["aupro"] is None
+    with pytest.raises(ValueError, match="NaN"):
+        RankedPixels(np.where(marked, np.nan, maps).astype(dtype), masks, defects)
+
+
+def test_patchcore_scores_equal_torch_cdists_nearest_bit_for_bit() -> None:
+    """Patch distances, the farthest patch and its nearest bank patch as torch.cdist and its first
+    minimum give them, also with patches equal to bank rows (distance 0, ties)."""
+    generator = torch.Generator().manual_seed(0)
+    model = PatchCore(num_neighbors=4)
+    model.memory_bank_ = torch.randn(300, 24, generator=generator)
+    embedding = torch.randn(3, 24, 8, 8, generator=generator)
+    embedding[1, :, 2, 3] = embedding[1, :, 5, 5] = model.memory_bank_[7]
+    patch_scores, image_scores = model.score(embedding)
+    features = embedding.permute(0, 2, 3, 1).reshape(192, 24)
+    distances, nearest = torch.cdist(features, model.memory_bank_).min(dim=1)  # as before, in one block
+    assert torch.equal(patch_scores.flatten(), distances)
+    assert torch.equal(nearest_squared_distance(features, model.memory_bank_), distances.pow(2))
+    for image, (image_distances, image_nearest) in enumerate(zip(distances.view(3, 64), nearest.view(3, 64))):
+        worst = image_distances.argmax()
+        bank_patch = model.memory_bank_[image_nearest[worst]]
+        _, support = torch.cdist(bank_patch[None], model.memory_bank_).topk(4, largest=False)
+        neighbours = torch.linalg.vector_norm(features[64 * image + worst] - model.memory_bank_[support[0]], dim=-1)
+        assert torch.equal(image_scores[image], image_distances[worst] * (1 - torch.softmax(neighbours, dim=0)[0]))
+
+
+def test_inference_features_do_not_depend_on_the_batch_size_or_the_thread_count() -> None:
+    """PyTorch runs 1x1 convolutions natively on one thread with fewer than 16 images, rounding
+    otherwise than oneDNN; the inference copy keeps every convolution on oneDNN."""
+    extractor = create_extractor("resnet18", ["layer2", "layer3"], False, None, seed=0)
+    network = extractor.folded()
+    assert network is not extractor
+    images = torch.randn(17, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(2)
+            expected = network(images)
+            for count, batch in ((1, 1), (1, 5), (2, 3), (1, 17)):
+                torch.set_num_threads(count)
+                parts = [network(part) for part in images.split(batch)]
+                assert all(torch.equal(torch.cat(level), want) for level, want in zip(zip(*parts), expected))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_inference_copy_drops_the_stages_after_the_last_layer() -> None:
+    extractor = create_extractor("tf_efficientnet_lite0", ["blocks.1", "blocks.2"], False, None, seed=0)
+    network = extractor.folded()
+    assert len(network.model.blocks) == 3 < len(extractor.model.blocks)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(network(images), extractor(images)))
+    assert any(name.startswith("model.blocks.6.") for name in extractor.state_dict())  # saved models keep all
 
 
 def _regions(labelled: np.ndarray) -> list[np.ndarray]:
@@ -186,7 +282,8 @@ def test_separable_blur_equals_torchvisions_gaussian_blur() -> None:
 
     from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
 
-    patches = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
-    upsampled = F.interpolate(patches[:, None], size=(64, 64), mode="bilinear", align_corners=False)
-    expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
-    torch.testing.assert_close(smooth_anomaly_map(patches, 64), expected, atol=1e-5, rtol=1e-5)
+    for height, width in ((8, 8), (7, 9)):
+        patches = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+        upsampled = F.interpolate(patches[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+        expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
+        torch.testing.assert_close(smooth_anomaly_map(patches, 64), expected, atol=1e-5, rtol=1e-5)
