@@ -186,8 +186,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        worker = visiontune_worker if args.worker == "visiontune" else anomalib_worker
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        run = visiontune_worker if args.worker == "visiontune" else anomalib_worker
+        print("RESULT " + json.dumps(run(args)), flush=True)
         return
 
     args.weights = str(Path(args.shared) / "weights" / f"{BACKBONE}.in1k.safetensors")

@@ -29,7 +29,7 @@ from visiontune.anomaly.calibration import (
     score_range,
     warn_if_too_few,
 )
-from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
+from visiontune.anomaly.components.anomaly_map import LEGACY_SCORING, MapScoring
 from visiontune.anomaly.components.threshold import (
     GOOD_QUANTILE,
     TARGET_RECALL,
@@ -98,16 +98,18 @@ class Scores:
 
 
 class AnomalyModel:
-    """Backbone + detector + preprocessing; fitted: threshold_, threshold_rule_, map_range_, fit_info_."""
+    """Backbone + detector + preprocessing + map scoring; fitted: threshold_, threshold_rule_,
+    map_range_, fit_info_."""
 
     def __init__(self, extractor: FeatureExtractor, detector: PatchDetector, preprocessing: Preprocessing,
                  batch_size: int = 16, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 device: str = "auto") -> None:
+                 device: str = "auto", scoring: MapScoring | None = None) -> None:
         self.device = resolve_device(device)
         self.extractor = extractor.to(self.device)
         self._inference_extractor = self.extractor.folded()
         self.detector = detector
         self.preprocessing = preprocessing
+        self.scoring = scoring or MapScoring()
         self.batch_size = batch_size
         self.workers = workers
         self.max_pixels = max_pixels
@@ -235,10 +237,7 @@ class AnomalyModel:
     @torch.inference_mode()
     def score_embedding(self, detector: PatchDetector, embedding: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Image scores [B] and smoothed maps [B, size, size] of `detector` for a batch of embeddings."""
-        patch_scores, image_scores = detector.score(embedding)
-        maps = smooth_anomaly_map(patch_scores, self.image_size)
-        if image_scores is None:
-            image_scores = maps.flatten(1).amax(dim=1)
+        image_scores, maps = self.scoring.apply(*detector.score(embedding), self.image_size)
         return image_scores.float().cpu().numpy(), maps.float().cpu().numpy()
 
     def score(self, paths: Sequence[Path]) -> Scores:
@@ -255,6 +254,7 @@ class AnomalyModel:
             **meta_fields("anomaly", __version__), "format": LEGACY_ANOMALY_FORMAT, "method": self.detector.method,
             "backbone": self.extractor.backbone, "layers": self.extractor.layers,
             "preprocessing": self.preprocessing.to_dict(), "detector": self.detector.params(),
+            "scoring": self.scoring.to_dict(),
             "threshold": self.threshold_, "threshold_rule": self.threshold_rule_,
             "map_range": list(self.map_range_), "fit": self.fit_info_,
         }
@@ -275,7 +275,7 @@ class AnomalyModel:
         extractor = FeatureExtractor(info["backbone"], info["layers"])
         extractor.load_state_dict(_with_prefix(tensors, "extractor."))
         detector.restore(_with_prefix(tensors, "detector."))
-        model = cls(extractor, detector, Preprocessing.from_dict(info["preprocessing"]), **options)
+        model = cls(extractor, detector, Preprocessing.from_dict(info["preprocessing"]), scoring=_saved_scoring(info), **options)
         model.detector.to(model.device)
         model.threshold_, model.threshold_rule_ = info["threshold"], info["threshold_rule"]
         model.map_range_, model.fit_info_ = tuple(info["map_range"]), info["fit"]
@@ -292,6 +292,15 @@ def read_model_files(directory: str | Path) -> tuple[dict, dict[str, torch.Tenso
     except Exception as exc:  # safetensors raises its own types for damaged files
         raise UserError(f"{directory} holds a damaged model file: {exc}") from None
     return info, tensors
+
+
+def _saved_scoring(info: dict) -> MapScoring:
+    if "scoring" not in info:
+        return LEGACY_SCORING
+    try:
+        return MapScoring(**info["scoring"])
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"the model's {META_FILE} has a damaged 'scoring' entry: {exc}") from None
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 Backbone maps are upsampled (nearest) to the finest one and concatenated; a fixed random subset
 of channels keeps the per-position covariance small (the paper's 100 of ResNet18's 448, 550 of
 Wide-ResNet50's 1,792). The Gaussians are estimated in one streaming pass (components/gaussian.py),
-so memory does not grow with the number of images. The image score is the anomaly map's maximum.
+so memory does not grow with the number of images. Image scores come from the smoothed map
+(components/anomaly_map.MapScoring).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
         holdout_fraction: float = 0.1, false_alarm_rate: float = 0.01,
         out: str | Path | None = None, batch_size: int = 16, workers: int | None = None,
         device: str = "auto", seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-        chunk_patches: int = 2**16, calibration: str = "auto") -> AnomalyModel:
+        chunk_patches: int | None = None, calibration: str = "auto") -> AnomalyModel:
     """Fit `method` on the good images in `good` (a folder, or an MVTec AD category root).
 
     The threshold is the (1 - false_alarm_rate) quantile of good images' scores; with a folder of

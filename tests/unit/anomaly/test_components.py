@@ -286,4 +286,23 @@ def test_separable_blur_equals_torchvisions_gaussian_blur() -> None:
         patches = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
         upsampled = F.interpolate(patches[:, None], size=(64, 64), mode="bilinear", align_corners=False)
         expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
-        torch.testing.assert_close(smooth_anomaly_map(patches, 64), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(smooth_anomaly_map(patches, 64, 4.0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_image_score_is_the_mean_of_the_top_share_of_the_smoothed_map() -> None:
+    from visiontune.anomaly.components.anomaly_map import MapScoring, smooth_anomaly_map
+
+    patches = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(1))
+    own = torch.tensor([5.0, 7.0])
+    maps = smooth_anomaly_map(patches, 32, 8.0)
+    top = maps.flatten(1).sort(dim=1, descending=True).values[:, :10]  # 1% of 1024 pixels
+    scores, returned = MapScoring().apply(patches, own, 32)
+    torch.testing.assert_close(returned, maps)
+    torch.testing.assert_close(scores, top.mean(dim=1))
+    assert torch.equal(MapScoring(image_score="max").apply(patches, own, 32)[0], maps.flatten(1).amax(1))
+    assert torch.equal(MapScoring(image_score="detector").apply(patches, own, 32)[0], own)
+    assert torch.equal(MapScoring(image_score="detector").apply(patches, None, 32)[0], maps.flatten(1).amax(1))
+    with pytest.raises(ValueError, match="image_score must be one of"):
+        MapScoring(image_score="mean")
+    tiny = MapScoring().apply(patches, None, 16)[1]  # a kernel wider than the map is cut, not an error
+    assert tiny.shape == (2, 16, 16) and torch.isfinite(tiny).all()

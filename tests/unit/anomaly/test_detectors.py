@@ -13,9 +13,11 @@ import pytest
 
 from visiontune import anomaly
 from visiontune.anomaly.calibration import cached_embeddings, out_of_fold_scores
+from visiontune.anomaly.components.anomaly_map import LEGACY_SCORING, smooth_anomaly_map
 from visiontune.anomaly.components.threshold import flagged_share
 from visiontune.anomaly.data import good_images
 from visiontune.anomaly.workflow import split_holdout
+from visiontune.errors import UserError
 
 from .conftest import FIT_OPTIONS, write_plain
 
@@ -51,6 +53,30 @@ def test_reload_gives_identical_scores_and_maps(fitted, mvtec: Path) -> None:
     assert np.array_equal(before.maps, after.maps)
     assert reloaded.threshold_ == model.threshold_ and reloaded.map_range_ == model.map_range_
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_models_saved_before_scoring_was_recorded_keep_their_rule(fitted, mvtec: Path, tmp_path: Path) -> None:
+    method, out, model = fitted
+    assert json.loads((out / "model.json").read_text())["scoring"] == {"sigma": 8.0, "image_score": "top-mean",
+                                                                        "top_share": 0.01}
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    info = json.loads((old / "model.json").read_text())
+    del info["scoring"]
+    (old / "model.json").write_text(json.dumps(info))
+    paths = sorted((mvtec / "test").rglob("*.png"))[:6]
+    legacy = anomaly.load(old, workers=0)
+    assert legacy.scoring == LEGACY_SCORING
+    by_old_rule = legacy.score(paths)
+    (images, _), = legacy._batches(paths, [])
+    patch_scores, own = legacy.detector.score(legacy._embed(images))
+    expected = own if own is not None else smooth_anomaly_map(patch_scores, model.image_size, 4.0).flatten(1).amax(1)
+    np.testing.assert_allclose(by_old_rule.scores, expected.numpy(), rtol=1e-5)
+    assert not np.allclose(by_old_rule.scores, model.score(paths).scores)  # the new rule differs
+    info["scoring"] = {"sigma": -1}
+    (old / "model.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="damaged 'scoring' entry"):
+        anomaly.load(old)
 
 
 def test_small_sets_calibrate_on_out_of_fold_scores_of_every_image(fitted, mvtec: Path) -> None:
