@@ -11,6 +11,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__, submod_attrs={
         "base": ["AnomalyModel"], "detectors": ["DETECTORS"], "padim": ["Padim"], "patchcore": ["PatchCore"],
+        "reverse_distillation": ["ReverseDistillation"],
         "workflow": ["evaluate", "fit", "load", "predict", "split_holdout"],
     },
 )

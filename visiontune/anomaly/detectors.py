@@ -5,5 +5,6 @@ from __future__ import annotations
 from visiontune.anomaly.base import PatchDetector
 from visiontune.anomaly.padim import Padim
 from visiontune.anomaly.patchcore import PatchCore
+from visiontune.anomaly.reverse_distillation import ReverseDistillation
 
-DETECTORS: dict[str, type[PatchDetector]] = {cls.method: cls for cls in (PatchCore, Padim)}
+DETECTORS: dict[str, type[PatchDetector]] = {cls.method: cls for cls in (PatchCore, Padim, ReverseDistillation)}

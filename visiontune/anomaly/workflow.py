@@ -56,7 +56,7 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
     when given.
     """
     if method not in DETECTORS:
-        raise UserError(f"unknown method {method!r}; use patchcore or padim")
+        raise UserError(f"unknown method {method!r}; use one of {', '.join(DETECTORS)}")
     folds_for(calibration, 0)  # a misspelt choice stops before any work
     _check_options(coreset_ratio, holdout_fraction, false_alarm_rate, image_size, batch_size)
     _check_target_recall(target_recall, val_defects)

@@ -17,7 +17,7 @@ from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.errors import UserError, require_some_read
 
 anomaly_app = typer.Typer(
-    help="Unsupervised defect detection (PatchCore, PaDiM) trained on good images only.",
+    help="Unsupervised defect detection (PatchCore, PaDiM, reverse distillation) trained on good images only.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 stdout = Console(highlight=False, soft_wrap=True)
@@ -45,10 +45,11 @@ def _user_errors() -> Iterator[None]:
 def fit(
     good: Annotated[Path, typer.Argument(help="Folder of good images (or an MVTec AD category root).")],
     out: Annotated[Path, Opt(help="Model directory to write.")],
-    method: Annotated[str, Opt(help="patchcore | padim")] = "patchcore",
+    method: Annotated[str, Opt(help="patchcore | padim | reverse-distillation")] = "patchcore",
     backbone: Annotated[str, Opt(help="Any timm CNN name.")] = "wide_resnet50_2",
     layers: Annotated[Optional[str], Opt(help="Comma-separated layer names, e.g. layer2,layer3 "
-                                              "[default: stride 8+16 for patchcore, 4+8+16 for padim]")] = None,
+                                              "[default: stride 8+16 for patchcore, 4+8+16 for padim and "
+                                              "reverse-distillation]")] = None,
     image_size: Annotated[Optional[int], Opt(help="Square input size [default: the backbone's].")] = None,
     coreset_ratio: Annotated[float, Opt(help="PatchCore: share of training patches kept.")] = 0.01,
     n_features: Annotated[Optional[int], Opt(help="PaDiM: random channels kept [default: 100, 550 "
