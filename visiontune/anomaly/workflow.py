@@ -12,7 +12,7 @@ import numpy as np
 
 from visiontune.anomaly.base import AnomalyModel, read_model_files
 from visiontune.anomaly.calibration import folds_for
-from visiontune.anomaly.components.anomaly_map import heatmap_overlay
+from visiontune.anomaly.components.anomaly_map import MapScoring, heatmap_overlay
 from visiontune.anomaly.components.features import resolve_layers
 from visiontune.anomaly.data import (
     GOOD,
@@ -45,7 +45,8 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
         holdout_fraction: float = 0.1, false_alarm_rate: float = 0.01,
         out: str | Path | None = None, batch_size: int = 16, workers: int | None = None,
         device: str = "auto", seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-        chunk_patches: int | None = None, calibration: str = "auto") -> AnomalyModel:
+        chunk_patches: int | None = None, calibration: str = "auto",
+        scoring: MapScoring | None = None) -> AnomalyModel:
     """Fit `method` on the good images in `good` (a folder, or an MVTec AD category root).
 
     The threshold is the (1 - false_alarm_rate) quantile of good images' scores; with a folder of
@@ -53,7 +54,7 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
     `target_recall`, the highest threshold that flags that share of them. The good scores are
     out-of-fold scores of all training images (`calibration="kfold"`, the "auto" choice below 100
     images) or those of `holdout_fraction` of them kept out of the fit ("holdout"). Saved to `out`
-    when given.
+    when given. `scoring` (components/anomaly_map.MapScoring) sets the maps' blur and the image score.
     """
     if method not in DETECTORS:
         raise UserError(f"unknown method {method!r}; use one of {', '.join(DETECTORS)}")
@@ -76,7 +77,7 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
                                                   chunk_patches=chunk_patches, seed=seed)
         model = AnomalyModel(extractor, detector, Preprocessing.from_model(extractor.model, image_size),
                              batch_size=batch_size, workers=_workers(workers, device), max_pixels=max_pixels,
-                             device=device)
+                             device=device, scoring=scoring)
         model.fit(train, holdout, defect_files, false_alarm_rate, folds=folds, seed=seed, target_recall=target_recall)
         if out is not None:
             model.save(out)

@@ -168,3 +168,14 @@ def test_predict_writes_scores_decisions_and_heatmaps(fitted, mvtec: Path, tmp_p
     assert all(Path(r["heatmap"]).is_file() for r in rows)
     header = (tmp_path / "scores.csv").read_text().splitlines()[0]
     assert header == "path,score,decision,threshold,heatmap,reason"
+
+
+def test_fit_takes_a_scoring_rule_and_saves_it(mvtec: Path, tmp_path: Path) -> None:
+    from visiontune.anomaly.components.anomaly_map import MapScoring
+
+    model = anomaly.fit(mvtec, method="padim", out=tmp_path / "m", scoring=MapScoring(sigma=4.0, image_score="max"),
+                        **FIT_OPTIONS)
+    saved = json.loads((tmp_path / "m" / "model.json").read_text())["scoring"]
+    assert saved == {"sigma": 4.0, "image_score": "max", "top_share": 0.01}
+    scored = model.score(sorted((mvtec / "test").rglob("*.png"))[:4])
+    np.testing.assert_array_equal(scored.scores, scored.maps.reshape(4, -1).max(axis=1))
