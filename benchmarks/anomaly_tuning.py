@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 LEVELS = ["blocks.1", "blocks.2", "blocks.4"]
 SIGMAS = (2.0, 4.0, 8.0)
 TOP_SHARE = 0.01
+# names in the results -> anomaly_map.MapScoring's image_score (the detector's own only where it has one)
+IMAGE_SCORES = {"map_max": "max", "map_top1pct": "top-mean", "detector": "detector"}
 
 
 def cached_maps(paths: list[str], weights: str, size: int) -> list[torch.Tensor]:
@@ -70,18 +71,9 @@ def embeddings(maps: list[torch.Tensor], layers: list[str], pool: int, mode: str
         yield patch_embedding([m[start:start + batch] for m in chosen], pool_size=pool, mode=mode)
 
 
-def image_scores(detector_scores: torch.Tensor | None, maps: torch.Tensor) -> dict[str, np.ndarray]:
-    flat = maps.flatten(1)
-    top = max(1, round(TOP_SHARE * flat.shape[1]))
-    scores = {"map_max": flat.amax(1).numpy(), "map_top1pct": flat.topk(top, dim=1).values.mean(1).numpy()}
-    if detector_scores is not None:
-        scores["detector"] = detector_scores.numpy()
-    return scores
-
-
 def evaluate(detector, fit_maps, val_maps, layers, pool, mode, paths, truth, size) -> list[dict]:
-    """Fit once, then one row per (sigma, image score)."""
-    from visiontune.anomaly.components.anomaly_map import smooth_anomaly_map
+    """Fit once, then one row per (sigma, image score), scored as visiontune.anomaly scores them."""
+    from visiontune.anomaly.components.anomaly_map import MapScoring
 
     started = time.perf_counter()
     detector.fit(embeddings(fit_maps, layers, pool, mode))
@@ -94,10 +86,11 @@ def evaluate(detector, fit_maps, val_maps, layers, pool, mode, paths, truth, siz
             own.append(scores)
     patch_scores = torch.cat(patch)
     own_scores = torch.cat(own) if own[0] is not None else None
+    rules = IMAGE_SCORES if own_scores is not None else {k: v for k, v in IMAGE_SCORES.items() if v != "detector"}
     rows = []
     for sigma in SIGMAS:
-        maps = smooth_anomaly_map(patch_scores, size, sigma)
-        for name, scores in image_scores(own_scores, maps).items():
+        for name, rule in rules.items():
+            scores, maps = MapScoring(sigma, rule, TOP_SHARE).apply(patch_scores, own_scores, size)
             measured = accuracy(paths, scores.tolist(), maps.numpy(), truth, size)
             rows.append({"sigma": sigma, "image_score": name, "fit_s": round(fit_s, 2), **measured})
     return rows
