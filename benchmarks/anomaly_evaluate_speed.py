@@ -5,9 +5,9 @@
         [--batch-sizes 16,4] [--plans 2x0,1x0] [--default-malloc] [--json out.json]
 
 Data: the magnetic-tile set in `shared/data/magnetic-tile` (`MT_<Class>/Imgs/<name>.jpg`, same-name
-.png masks). Split as benchmarks/anomaly_real.py draws it (seed 0): a seeded 60% of MT_Free to fit
-on, the other 40% and every defect image (384 images) to evaluate, laid out as symlinks in an
-MVTec AD-like folder under --work. Each method (tf_efficientnet_lite0 from the shared weights
+.png masks). Split and laid out by benchmarks/anomaly_real.py (seed 0, `--part all`): a seeded 60%
+of MT_Free to fit on, the other 40% and every defect image (384 images) to evaluate, as symlinks
+in an MVTec AD-like folder under --work. Each method (tf_efficientnet_lite0 from the shared weights
 file, its default layers: blocks.2 + blocks.4 for PatchCore with a 1% coreset, blocks.1 + blocks.2
 + blocks.4 for PaDiM; 256 px) is fitted once and saved under --work; later invocations load it,
 so runs of two versions of the code (PYTHONPATH) score the same model.
@@ -29,6 +29,7 @@ import json
 import os
 import pstats
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,10 +39,10 @@ import torch
 
 from visiontune import anomaly, devices
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anomaly_real import build_layout, draw_split  # noqa: E402
+
 BACKBONE = "tf_efficientnet_lite0"
-GOOD_CLASS = "Free"
-DEFECT_CLASSES = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
-TRAIN_FRACTION = 0.6
 # (module, attribute) pairs timed when they exist; the label says what the phase is.
 PHASES = (
     ("visiontune.anomaly.base", "AnomalyModel.score", "score (decode + features + detector + maps)"),
@@ -56,28 +57,6 @@ PHASES = (
 )
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "f1_at_best_threshold", "best_threshold",
                "recall_at_threshold", "false_alarm_rate_at_threshold")
-
-
-def build_layout(source: Path, root: Path, seed: int = 0) -> Path:
-    """ROOT/train/good, ROOT/test/<type>, ROOT/ground_truth/<type>/<stem>_mask.png as symlinks."""
-    if (root / "test").is_dir():
-        return root
-    rng = np.random.default_rng(seed)
-    good = sorted((source / f"MT_{GOOD_CLASS}" / "Imgs").glob("*.jpg"))
-    order = rng.permutation(len(good))
-    n_train = round(TRAIN_FRACTION * len(good))
-    folders = {"train/good": [good[i] for i in order[:n_train]], "test/good": [good[i] for i in order[n_train:]]}
-    folders |= {f"test/{name.lower()}": sorted((source / f"MT_{name}" / "Imgs").glob("*.jpg"))
-                for name in DEFECT_CLASSES}
-    for folder, files in folders.items():
-        (root / folder).mkdir(parents=True)
-        for file in files:
-            (root / folder / file.name).symlink_to(file)
-            if folder.startswith("test/") and folder != "test/good":
-                mask = root / "ground_truth" / folder.removeprefix("test/") / f"{file.stem}_mask.png"
-                mask.parent.mkdir(parents=True, exist_ok=True)
-                mask.symlink_to(file.with_suffix(".png"))
-    return root
 
 
 def fitted(method: str, data: Path, models: Path, weights: Path) -> Path:
@@ -156,7 +135,8 @@ def main() -> None:
     args = _arguments()
     if not args.default_malloc and hasattr(devices, "reuse_freed_memory"):  # code before it had none
         print(f"malloc keeps freed memory: {devices.reuse_freed_memory()}")
-    data = build_layout(args.shared / "data" / "magnetic-tile", args.work / "data")
+    split = draw_split(args.shared / "data" / "magnetic-tile", seed=0)
+    data, _ = build_layout(split, "all", args.work / "data")
     weights = args.shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b] or [None]
     plans = [tuple(map(int, p.split("x"))) for p in args.plans.split(",") if p] or [None]
