@@ -275,7 +275,8 @@ class AnomalyModel:
         extractor = FeatureExtractor(info["backbone"], info["layers"])
         extractor.load_state_dict(_with_prefix(tensors, "extractor."))
         detector.restore(_with_prefix(tensors, "detector."))
-        model = cls(extractor, detector, Preprocessing.from_dict(info["preprocessing"]), scoring=_saved_scoring(info), **options)
+        model = cls(extractor, detector, Preprocessing.from_dict(info["preprocessing"]), scoring=_saved_scoring(info),
+                    **options)
         model.detector.to(model.device)
         model.threshold_, model.threshold_rule_ = info["threshold"], info["threshold_rule"]
         model.map_range_, model.fit_info_ = tuple(info["map_range"]), info["fit"]

@@ -8,9 +8,9 @@ them into about a quarter of their channels and halves that grid when it is larg
 one-class bottleneck), then decodes back up through each level's grid, predicting that level's
 features there. Loss and score are the cosine distance between teacher and student features at
 each position, averaged over the levels, as in the paper; image scores come from the smoothed map
-(components/anomaly_map.MapScoring). Training is a fixed number of epochs: the default 16 took 2.4 minutes (one torch thread,
-the other of 2 cores busy) for 257 images of 256 px with tf_efficientnet_lite0; far fewer images
-train far fewer steps, and less well.
+(components/anomaly_map.MapScoring). Training is a fixed number of epochs: the default 16 took 2.4
+minutes (one torch thread, the other of 2 cores busy) for 257 images of 256 px with
+tf_efficientnet_lite0; far fewer images train far fewer steps, and less well.
 """
 
 from __future__ import annotations
