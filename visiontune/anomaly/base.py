@@ -240,6 +240,12 @@ class AnomalyModel:
         image_scores, maps = self.scoring.apply(*detector.score(embedding), self.image_size)
         return image_scores.float().cpu().numpy(), maps.float().cpu().numpy()
 
+    @torch.inference_mode()
+    def score_images(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores [B] and maps of an already decoded batch [B, 3, size, size] (`anomaly_transform`),
+        for callers that hold images rather than paths (the server)."""
+        return self.score_embedding(self.detector, self._embed(images.to(self.device)))
+
     def score(self, paths: Sequence[Path]) -> Scores:
         parts = list(self.score_batches(paths)) or [self._no_scores([])]
         return Scores([p for part in parts for p in part.paths], np.concatenate([p.scores for p in parts]),

@@ -24,6 +24,7 @@ from visiontune.cli.anomaly import anomaly_app
 from visiontune.cli.bench import benchmark, export
 from visiontune.cli.compare import register as register_compare
 from visiontune.cli.features import register as register_features
+from visiontune.cli.serve import serve as serve_command
 from visiontune.cli.tune import tune as tune_command
 from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError, require_some_read
@@ -44,6 +45,7 @@ app.command()(export)
 register_compare(app)  # compare, lr-find
 app.command(name="tune")(tune_command)
 register_features(app)
+app.command(name="serve")(serve_command)
 
 
 def _help(field: str) -> str:

@@ -61,6 +61,19 @@ def load_rgb(path: str | Path, max_pixels: int, draft_size: int | None = None) -
             return _decode(img, max_pixels, draft_size)
 
 
+def load_rgb_bytes(data: bytes, max_pixels: int) -> Image.Image:
+    """`load_rgb` for an upload held in memory: the same checks and reasons, no file involved.
+
+    The pixel limit is checked from the header before any pixel is decoded, so a decompression
+    bomb costs only its (small) upload.
+    """
+    with _reasons():
+        if not data:
+            raise ImageLoadError("empty file (0 bytes)")
+        with Image.open(io.BytesIO(data)) as img:
+            return _decode(img, max_pixels, None)
+
+
 def inspect_image(path: str | Path, max_pixels: int) -> ImageInfo:
     """Hash the file and prove it decodes (at draft scale); the size is the stored one."""
     with _reasons():

@@ -58,15 +58,23 @@ def iter_rows(
             continue
         probs = probabilities(batch.logits, run.metadata["loss"], run.temperature)
         for path, p in zip(batch.paths, probs):
-            order = np.argsort(-p, kind="stable")[:top_k]
-            chosen = int(order[0])
-            if threshold is not None:
-                positive = labels.index(threshold["positive"])
-                chosen = positive if p[positive] >= threshold["threshold"] else 1 - positive
-            row = {"path": path, "label": labels[chosen], "probability": float(p[chosen])}
-            for rank, k in enumerate(order, start=1):
-                row[f"top{rank}_label"], row[f"top{rank}_probability"] = labels[k], float(p[k])
-            yield row
+            yield {"path": path, **prediction_row(p, labels, top_k, threshold)}
+
+
+def prediction_row(p: np.ndarray, labels: list[str], top_k: int, threshold: dict | None) -> dict:
+    """label, probability and top-k columns for one image's probabilities `p`.
+
+    `threshold` (a binary run's saved {"positive", "threshold"}) decides instead of the argmax.
+    """
+    order = np.argsort(-p, kind="stable")[:top_k]
+    chosen = int(order[0])
+    if threshold is not None:
+        positive = labels.index(threshold["positive"])
+        chosen = positive if p[positive] >= threshold["threshold"] else 1 - positive
+    row = {"label": labels[chosen], "probability": float(p[chosen])}
+    for rank, k in enumerate(order, start=1):
+        row[f"top{rank}_label"], row[f"top{rank}_probability"] = labels[k], float(p[k])
+    return row
 
 
 def predict(

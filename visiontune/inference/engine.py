@@ -138,30 +138,39 @@ def iter_logits(
     if plan is None:
         backend = "torch" if isinstance(model, torch.nn.Module) else "onnx"
         plan = plan_inference(device, batch_size=batch_size, backend=backend, workers=workers)
-    device = torch.device(plan.device)
+    model = prepare_model(model, plan)
+    loader = DataLoader(
+        ImageFiles(paths, transform, max_pixels), batch_size=plan.batch_size, num_workers=plan.workers,
+        collate_fn=collate_image_files, pin_memory=plan.device == "cuda",
+    )
+    for images, indices, bad in loader:
+        logits = np.zeros((0, 0), dtype=np.float32) if images is None else forward(model, images, plan, tta)
+        yield PredictedBatch([paths[i] for i in indices], logits, [(paths[i], r) for i, r in bad])
+
+
+def prepare_model(model, plan: InferencePlan):
+    """`model` on the plan's device, in eval mode and memory format; the plan's CPU threads set."""
     if plan.device == "cpu":
         torch.set_num_threads(plan.threads)
     if isinstance(model, torch.nn.Module):
-        model = model.to(device).eval()
+        model = model.to(plan.device).eval()
         if plan.channels_last:
             model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(
-        ImageFiles(paths, transform, max_pixels), batch_size=plan.batch_size, num_workers=plan.workers,
-        collate_fn=collate_image_files, pin_memory=device.type == "cuda",
-    )
+    return model
+
+
+@torch.inference_mode()
+def forward(model, images: torch.Tensor, plan: InferencePlan, tta: bool = False) -> np.ndarray:
+    """Logits [B, n_classes] of a preprocessed batch, run as the plan says (a `prepare_model` model)."""
+    device = torch.device(plan.device)
+    images = images.to(device, non_blocking=True)
+    if plan.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     autocast = plan.precision == "bf16" and plan.backend == "torch"
-    with torch.inference_mode():
-        for images, indices, bad in loader:
-            logits = np.zeros((0, 0), dtype=np.float32)
-            if images is not None:
-                images = images.to(device, non_blocking=True)
-                if plan.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out = model(images)
-                    if tta:
-                        out = (out + model(images.flip(-1))) / 2
-                logits = out.float().cpu().numpy()
-            yield PredictedBatch([paths[i] for i in indices], logits, [(paths[i], r) for i, r in bad])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(images)
+        if tta:
+            out = (out + model(images.flip(-1))) / 2
+    return out.float().cpu().numpy()
 
 

@@ -1,0 +1,69 @@
+"""Request limits enforced while the body arrives, before any of it is parsed or kept.
+
+An ASGI middleware: a declared Content-Length over the limit is refused (413) before a byte is
+read; a chunked body is counted as it streams and refused the moment it passes the limit; a
+client that stops sending mid-body is cut off after `read_timeout_s` (408). So neither a huge
+upload nor a slow one can hold memory or a connection for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+
+class Refused(Exception):
+    """A request refused with `status`; the app's handler turns it into the JSON error response."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class BodyLimits:
+    def __init__(self, app, max_bytes: int, read_timeout_s: float, on_refused=None) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
+        self.on_refused = on_refused or (lambda scope, kind: None)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(scope, send, Refused(
+                413, "too_large", f"the upload is larger than the limit of {self.max_bytes:,} bytes"))
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                raise Refused(408, "timeout", f"the client sent nothing for {self.read_timeout_s:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise Refused(413, "too_large", f"the upload is larger than the limit of {self.max_bytes:,} bytes")
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except Refused as refused:
+            if started:
+                raise
+            await self._refuse(scope, send, refused)
+
+    async def _refuse(self, scope, send, refused: Refused) -> None:
+        self.on_refused(scope, refused.kind)
+        body = json.dumps({"error": refused.kind, "detail": str(refused)}).encode()
+        await send({"type": "http.response.start", "status": refused.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": body})
