@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated
 
 import typer
@@ -12,6 +13,7 @@ from visiontune.errors import UserError
 
 stdout = Console(highlight=False, soft_wrap=True)
 Opt = typer.Option
+SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
 
 
 def serve(
@@ -34,6 +36,9 @@ def serve(
     request_timeout: Annotated[float, Opt(help="Seconds before a request is answered 504.")] = 30.0,
 ) -> None:
     """Serve models over HTTP: a JSON API, an upload page at /, /health, /models and /metrics."""
+    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"serve needs {', '.join(missing)}: pip install 'visiontune[serve]'")
     from visiontune.serve.app import ServeSettings
     from visiontune.serve.server import ModelOptions, ServeSpec
     from visiontune.serve.server import serve as run_server

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import difflib
-import hmac
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from visiontune._version import __version__
 from visiontune.data.images import ImageLoadError
 from visiontune.reporting.html import render
 from visiontune.serve.batching import Batcher, QueueFull
-from visiontune.serve.limits import BodyLimits, Refused
+from visiontune.serve.gate import BodyLimits, KeyAndCount, Refused
 from visiontune.serve.metrics import ServerMetrics
 from visiontune.serve.models import ServedModel
 
@@ -97,18 +96,7 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        return refuse(500, "internal", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                      _model_of(request.url.path, by_name))
-
-    @app.middleware("http")
-    async def authorize_and_count(request: Request, call_next):
-        if settings.api_key and request.url.path not in OPEN_PATHS and not _has_key(request, settings.api_key):
-            response = refuse(401, "unauthorized", "a valid API key is required: 'Authorization: Bearer KEY' "
-                              "or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
-        else:
-            response = await call_next(request)
-        metrics.requests.labels(_model_of(request.url.path, by_name), str(response.status_code)).inc()
-        return response
+        return refuse(500, "internal", f"{type(exc).__name__}: {_first_line(exc)}", _model_of(request.url.path, by_name))
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -172,6 +160,8 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
                           {"Retry-After": str(settings.retry_after_s)})
         except TimeoutError:
             return refuse(504, "timeout", f"no answer within {settings.request_timeout_s:g} s", name)
+        except Exception as exc:  # noqa: BLE001 - the model failed on this batch; the server goes on
+            return refuse(500, "internal", f"the model failed: {type(exc).__name__}: {_first_line(exc)}", name)
         results = []
         for (filename, item), prediction in zip(decoded, predictions):
             body = {"file": filename, **prediction.body}
@@ -187,8 +177,17 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         return {"model": name, "kind": model.kind, "version": model.version, "results": results + errors,
                 "timing_ms": {"decode": round(decode_ms, 2), "total": round(total_ms, 2)}}
 
+    def count_error(scope, kind: str) -> None:
+        metrics.errors.labels(_model_of(scope["path"], by_name), kind).inc()
+
+    def count_response(scope, status: int) -> None:
+        metrics.requests.labels(_model_of(scope["path"], by_name), str(status)).inc()
+
+    # added last = outermost: the key is checked before any of the body is read
     app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, read_timeout_s=settings.read_timeout_s,
-                       on_refused=lambda scope, kind: metrics.errors.labels(_model_of(scope["path"], by_name), kind).inc())
+                       on_refused=count_error)
+    app.add_middleware(KeyAndCount, api_key=settings.api_key, open_paths=OPEN_PATHS, on_response=count_response,
+                       on_refused=count_error)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
@@ -224,9 +223,8 @@ def _safe_name(name: str | None) -> str:
     return "".join(ch for ch in base if ch.isprintable())[:128] or "upload"
 
 
-def _has_key(request: Request, key: str) -> bool:
-    given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-    return hmac.compare_digest(given.encode(), key.encode())
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
 
 
 def _model_of(path: str, served) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 
@@ -71,10 +72,24 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
                     f"give --api-key KEY (or set VISIONTUNE_API_KEY), or --insecure if the network is trusted")
 
 
+def check_port(host: str, port: int) -> None:
+    """A port out of range or taken is one message before the models are loaded, not uvicorn's log."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, not {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from None
+
+
 def serve(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, insecure: bool = False,
           on_ready=None) -> None:
     """Run until interrupted; `on_ready(models)` is called once the models are loaded."""
     check_bind(host, spec.settings.api_key, insecure)
+    check_port(host, port)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, not {workers}")
     models = load_models(spec)  # in this process too: errors before the port opens, and for the banner

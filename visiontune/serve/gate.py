@@ -1,6 +1,9 @@
-"""Request limits enforced while the body arrives, before any of it is parsed or kept.
+"""What every request passes before a route sees it: the API key, the body limits, the counting.
 
-An ASGI middleware: a declared Content-Length over the limit is refused (413) before a byte is
+Plain ASGI middlewares (Starlette's BaseHTTPMiddleware would wrap errors raised while the body
+is read in task groups, out of reach of the app's handlers).
+
+`BodyLimits`: a declared Content-Length over the limit is refused (413) before a byte is
 read; a chunked body is counted as it streams and refused the moment it passes the limit; a
 client that stops sending mid-body is cut off after `read_timeout_s` (408). So neither a huge
 upload nor a slow one can hold memory or a connection for long.
@@ -9,6 +12,7 @@ upload nor a slow one can hold memory or a connection for long.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 
 
@@ -61,9 +65,42 @@ class BodyLimits:
 
     async def _refuse(self, scope, send, refused: Refused) -> None:
         self.on_refused(scope, refused.kind)
-        body = json.dumps({"error": refused.kind, "detail": str(refused)}).encode()
-        await send({"type": "http.response.start", "status": refused.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, refused.status, {"error": refused.kind, "detail": str(refused)}, close=True)
+
+
+class KeyAndCount:
+    """Checks the API key (`Authorization: Bearer KEY` or `X-API-Key: KEY`) on every path but
+    `open_paths`, and reports each response's status to `on_response(scope, status)`."""
+
+    def __init__(self, app, api_key: str | None, open_paths: frozenset[str], on_response, on_refused) -> None:
+        self.app, self.api_key, self.open_paths = app, api_key, open_paths
+        self.on_response, self.on_refused = on_response, on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.on_response(scope, message["status"])
+            await send(message)
+
+        if self.api_key and scope["path"] not in self.open_paths and not self._has_key(scope):
+            self.on_refused(scope, "unauthorized")
+            return await send_json(counting_send, 401, {
+                "error": "unauthorized", "detail": "a valid API key is required: 'Authorization: Bearer KEY' or "
+                "'X-API-Key: KEY'"}, extra_headers=[(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, counting_send)
+
+    def _has_key(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+        return hmac.compare_digest(given, self.api_key.encode())
+
+
+async def send_json(send, status: int, body: dict, close: bool = False, extra_headers=()) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra_headers]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send({"type": "http.response.body", "body": data})
