@@ -92,7 +92,7 @@ def test_predictions_over_http_equal_predict(server, models) -> None:
 def test_anomaly_scores_over_http_equal_anomaly_predict(server, models) -> None:
     url, _ = server
     _, tiles, data = models
-    path = sorted((data / "red").iterdir())[0]
+    path = min((data / "red").iterdir())
     reply = httpx.post(f"{url}/models/tiles/predict?overlay=true", content=path.read_bytes(),
                        headers={"Content-Type": "image/png"}, timeout=30).json()["results"][0]
     expected = anomaly.predict(tiles, [path], workers=0)[0]
@@ -131,7 +131,7 @@ def test_the_upload_page_in_headless_chromium(server, models, tmp_path) -> None:
 
     url, _ = server
     _, _, data = models
-    image = sorted((data / "red").iterdir())[0]
+    image = min((data / "red").iterdir())
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",

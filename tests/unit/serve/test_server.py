@@ -10,7 +10,13 @@ import pytest
 from visiontune.errors import UserError
 from visiontune.serve.app import ServeSettings
 from visiontune.serve.models import load_served
-from visiontune.serve.server import ModelOptions, ServeSpec, check_bind, check_port, load_models
+from visiontune.serve.server import (
+    ModelOptions,
+    ServeSpec,
+    check_bind,
+    check_port,
+    load_models,
+)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
