@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -94,6 +95,12 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "bad_request")
         return refuse(exc.status_code, kind, str(exc.detail), _model_of(request.url.path, by_name))
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem.get("loc", ()))
+        return refuse(422, "bad_request", f"{where}: {problem.get('msg')}", _model_of(request.url.path, by_name))
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         return refuse(500, "internal", f"{type(exc).__name__}: {_first_line(exc)}", _model_of(request.url.path, by_name))
@@ -136,13 +143,18 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
         if not state["ready"]:
             return refuse(503, "starting", "the model is still warming up", name, {"Retry-After": "1"})
         uploads = await _uploads(request, settings.max_images_per_request)
+        outcomes = await asyncio.gather(*(run_in_threadpool(model.decode, data, overlay) for _, data in uploads),
+                                        return_exceptions=True)
         decoded, errors = [], []
-        for filename, data in uploads:
-            try:
-                decoded.append((filename, await run_in_threadpool(model.decode, data, overlay)))
-            except ImageLoadError as exc:
-                errors.append({"file": filename, "error": "unsupported_media" if str(exc).startswith(UNREADABLE_FORMAT)
-                               else "unreadable_image", "detail": str(exc)})
+        for (filename, _), outcome in zip(uploads, outcomes):
+            if isinstance(outcome, ImageLoadError):
+                errors.append({"file": filename, "error": "unsupported_media" if str(outcome).startswith(UNREADABLE_FORMAT)
+                               else "unreadable_image", "detail": str(outcome)})
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                decoded.append((filename, outcome))
+        del uploads, outcomes  # the raw bytes are not kept while the images wait for a batch
         decode_ms = (time.perf_counter() - started) * 1000
         if not decoded:
             status = 415 if all(e["error"] == "unsupported_media" for e in errors) else 422

@@ -111,6 +111,9 @@ def test_limits_refuse_with_their_status_codes(client) -> None:
     broken_form = client.post("/models/parts/predict", content=b"--x\r\nnonsense",
                               headers={"Content-Type": "multipart/form-data; boundary=x"})
     assert broken_form.status_code in (400, 422)
+    bad_option = client.post("/models/parts/predict?top_k=many", content=png())
+    assert (bad_option.status_code, bad_option.json()["error"]) == (422, "bad_request")
+    assert bad_option.json()["detail"].startswith("query.top_k: ")
     unknown = client.post("/models/prats/predict", content=png())
     assert unknown.status_code == 404 and "did you mean parts" in unknown.json()["detail"]
 
