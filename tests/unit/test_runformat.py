@@ -68,7 +68,7 @@ def test_anomaly_load_on_a_classifier_run_names_load_run(classifier_dir):
 
 
 @pytest.mark.parametrize("command", [["evaluate", "{a}"], ["predict", "{a}", "{a}"], ["explain", "{a}", "{a}"],
-                                     ["benchmark", "{a}"], ["export", "{a}"]])
+                                     ["benchmark", "{a}"]])
 def test_classifier_commands_on_an_anomaly_model_exit_2_with_one_line(anomaly_dir, command, monkeypatch, capsys):
     assert run_cli(monkeypatch, *[part.format(a=anomaly_dir) for part in command]) == 2
     error = capsys.readouterr().err

@@ -135,11 +135,14 @@ class ReverseDistillation(PatchDetector):
                 for part, (_, h, w) in zip(parts, self.levels)]
 
     def score(self, embedding: torch.Tensor) -> tuple[torch.Tensor, None]:
-        teacher = self._split(embedding)
-        size = embedding.shape[-2:]
+        return self.score_levels(self._split(embedding), embedding.shape[-2:]), None
+
+    def score_levels(self, teacher: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Patch scores [B, *size] from the backbone's levels, as `score` splits them from the embedding
+        (the ONNX export starts here: the nearest-exact resizing of the split has no ONNX form)."""
         maps = [F.interpolate(d[:, None], size=size, mode="bilinear") if d.shape[-2:] != size else d[:, None]
                 for d in _distances(teacher, self.student_(teacher))]
-        return torch.cat(maps, dim=1).mean(dim=1), None
+        return torch.cat(maps, dim=1).mean(dim=1)
 
     def fitted_tensors(self) -> dict[str, torch.Tensor]:
         return {f"student.{name}": value for name, value in self.student_.state_dict().items()}
@@ -177,13 +180,23 @@ class Student(nn.Module):
             width = _rounded(c)
 
     def forward(self, teacher: list[torch.Tensor]) -> list[torch.Tensor]:
-        pooled = torch.cat([F.adaptive_avg_pool2d(level, self.sizes[-1]) for level in teacher], dim=1)
+        pooled = torch.cat([_pool(level, size, self.sizes[-1]) for level, size in zip(teacher, self.sizes)], dim=1)
         x = self.squeeze(self.fuse(pooled))
         predictions = []
         for stage, head, size in zip(self.stages, self.heads, reversed(self.sizes)):
             x = stage(F.interpolate(x, size=size, mode="bilinear"))
             predictions.append(head(x))
         return predictions[::-1]
+
+
+def _pool(level: torch.Tensor, size: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """Average-pool a level of `size` to `target`. Where the sizes divide, as avg_pool2d over the whole
+    ratio: the same numbers as adaptive_avg_pool2d (bit for bit), and a graph that exports to ONNX
+    when the level's size is known only at run time (timm's tf_ backbones pad "same" dynamically)."""
+    if size[0] % target[0] or size[1] % target[1]:
+        return F.adaptive_avg_pool2d(level, target)
+    kernel = (size[0] // target[0], size[1] // target[1])
+    return level if kernel == (1, 1) else F.avg_pool2d(level, kernel)
 
 
 def _conv_block(inputs: int, outputs: int, stride: int = 1) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""`visiontune benchmark` and `visiontune export`: the CLI over visiontune.bench and visiontune.inference.onnx."""
+"""`visiontune benchmark`: the CLI over visiontune.bench."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import visiontune
 from visiontune.errors import UserError
 
 Opt = typer.Option
@@ -45,19 +44,6 @@ def benchmark(
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(result, indent=2))
         stdout.print(f"written: {json_out}")
-
-
-def export(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `visiontune train`.")],
-    format: Annotated[str, Opt("--format", help="onnx")] = "onnx",
-    quantize: Annotated[str | None, Opt(help="int8: static quantization calibrated on the run's training images.")] = None,
-) -> None:
-    """Export the run's best model (cached in RUN/export/, redone when the checkpoint changes)."""
-    from visiontune.inference.onnx import export_run
-
-    if format != "onnx":
-        raise UserError(f"--format must be onnx, not {format!r}")
-    stdout.print(f"written: {export_run(visiontune.load_run(run_dir), quantize)}")
 
 
 def print_benchmark(result: dict) -> None:

@@ -21,8 +21,9 @@ from rich.table import Table
 
 import visiontune
 from visiontune.cli.anomaly import anomaly_app
-from visiontune.cli.bench import benchmark, export
+from visiontune.cli.bench import benchmark
 from visiontune.cli.compare import register as register_compare
+from visiontune.cli.export import export
 from visiontune.cli.features import register as register_features
 from visiontune.cli.serve import serve as serve_command
 from visiontune.cli.tune import tune as tune_command

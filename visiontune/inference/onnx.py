@@ -39,8 +39,9 @@ def require_onnxruntime() -> None:
         raise UserError("the ONNX backend needs onnx and onnxruntime: pip install 'visiontune[onnx]'") from None
 
 
-def export_model(model: nn.Module, path: str | Path, image_size: int) -> Path:
-    """Write `model` (eval mode, CPU, fp32) as ONNX with a dynamic batch axis, atomically."""
+def export_model(model: nn.Module, path: str | Path, image_size: int, outputs: Sequence[str] = (OUTPUT,)) -> Path:
+    """Write `model` (eval mode, CPU, fp32) as ONNX with a dynamic batch axis, atomically; `outputs`
+    names its outputs (a classifier's one `logits`, an anomaly graph's scores and maps)."""
     require_onnxruntime()
     path = Path(path)
     model = model.float().eval().cpu()
@@ -50,8 +51,8 @@ def export_model(model: nn.Module, path: str | Path, image_size: int) -> Path:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
-                model, (example,), tmp, dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=17,
+                model, (example,), tmp, dynamo=False, input_names=[INPUT], output_names=list(outputs),
+                dynamic_axes={name: {0: "batch"} for name in (INPUT, *outputs)}, opset_version=17,
             )
 
     atomic_write(path, write)
@@ -109,10 +110,9 @@ def export_run(run, quantize: str | None = None, calibration_images: int = 256, 
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize must be int8 (or not given), not {quantize!r}")
     checkpoint = run.checkpoint_path("best")
-    key = _checkpoint_key(checkpoint)
+    key = checkpoint_key(checkpoint)
     out = run.dir / "export" / ("model.int8.onnx" if quantize else "model.onnx")
-    key_file = out.with_name(out.name + ".json")
-    if out.is_file() and key_file.is_file() and json.loads(key_file.read_text()).get("checkpoint") == key:
+    if is_current(out, key):
         return out
     size = run.preprocessing.input_size
     if quantize is None:
@@ -121,8 +121,7 @@ def export_run(run, quantize: str | None = None, calibration_images: int = 256, 
         fp32 = export_run(run, None)
         paths = _calibration_paths(run, calibration_images, seed)
         quantize_int8(fp32, out, calibration_batches(paths, run.preprocessing.eval_transform(), run.config.max_pixels))
-    write_text_atomic(key_file, json.dumps({"checkpoint": key, "quantize": quantize,
-                                            "calibration_images": calibration_images if quantize else 0}, indent=2))
+    write_key(out, key, quantize=quantize, calibration_images=calibration_images if quantize else 0)
     return out
 
 
@@ -155,10 +154,25 @@ def _calibration_paths(run, n: int, seed: int) -> list[str]:
     return paths[:n]
 
 
-def _checkpoint_key(path: Path) -> dict:
+def checkpoint_key(path: Path) -> dict:
+    """Size, mtime and SHA-256 of the file an export came from: the cache key of RUN/export/."""
     stat = path.stat()
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def is_current(out: Path, key: dict) -> bool:
+    """`out` exists and was exported from the checkpoint with `key` (see `write_key`)."""
+    key_file = out.with_name(out.name + ".json")
+    try:
+        return out.is_file() and json.loads(key_file.read_text()).get("checkpoint") == key
+    except (OSError, ValueError):  # no key file, or a damaged one: export again
+        return False
+
+
+def write_key(out: Path, key: dict, **details) -> None:
+    """OUT.json beside an exported file: the checkpoint key it came from, and how it was made."""
+    write_text_atomic(out.with_name(out.name + ".json"), json.dumps({"checkpoint": key, **details}, indent=2))

@@ -58,7 +58,7 @@ class MapScoring:
             return own_scores, maps
         pixels = maps.flatten(1)
         if self.image_score == "top-mean":
-            top = max(1, round(self.top_share * pixels.shape[1]))
+            top = max(1, round(self.top_share * size * size))  # from `size`, not a shape: a constant in an ONNX trace
             return pixels.topk(top, dim=1, sorted=False).values.mean(dim=1), maps
         return pixels.amax(dim=1), maps
 
@@ -68,7 +68,7 @@ LEGACY_SCORING = MapScoring(sigma=4.0, image_score="detector")
 
 def smooth_anomaly_map(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """[B, h, w] patch scores -> [B, size, size] pixel scores."""
-    height, width = patch_scores.shape[-2:]
+    height, width = (int(n) for n in patch_scores.shape[-2:])  # ints, not traced sizes: the cache key
     rows, columns = (_smoothing_matrix(n, size, sigma).to(patch_scores.device, patch_scores.dtype)
                      for n in (height, width))
     return rows @ patch_scores @ columns.T
