@@ -165,3 +165,19 @@ def test_predict_api_records_and_formats(binary_run, tmp_path):
         binary_run.predict(images, out=tmp_path / "p.txt")
     with pytest.raises(UserError, match="no such file"):
         binary_run.predict([tmp_path / "missing.png"])
+
+
+def test_a_fitted_temperature_changes_the_probabilities_shown_not_the_threshold_decisions(binary_run):
+    """The saved threshold was chosen on the uncalibrated probabilities, so predict decides on those."""
+    run = binary_run
+    run.evaluate("val", target_recall=0.9, workers=0)
+    images = sorted(str(p) for p in (Path(run.config.data) / "blue").iterdir()) + \
+        sorted(str(p) for p in (Path(run.config.data) / "red").iterdir())
+    before = run.predict(images, workers=0).rows
+    (run.dir / "calibration.json").write_text(json.dumps({"temperature": 25.0, "fitted_on": "val"}))
+    try:
+        after = run.predict(images, workers=0).rows
+    finally:
+        (run.dir / "calibration.json").unlink()
+    assert [row["label"] for row in after] == [row["label"] for row in before]
+    assert max(abs(a["top1_probability"] - 0.5) for a in after) < max(abs(b["top1_probability"] - 0.5) for b in before)

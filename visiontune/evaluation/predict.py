@@ -1,8 +1,9 @@
 """`visiontune predict`: labels for any number of images, streamed to CSV or JSON lines.
 
 Rows are written as batches finish, so memory stays flat however many images there are. Binary
-runs with a saved threshold (`evaluate --target-recall`) decide with it; a fitted temperature
-(`evaluate --temperature`) scales the probabilities.
+runs with a saved threshold (`evaluate --target-recall`) decide with it, on the uncalibrated
+probabilities it was chosen on; a fitted temperature (`evaluate --temperature`) scales the
+probabilities reported.
 """
 
 from __future__ import annotations
@@ -56,21 +57,32 @@ def iter_rows(
         yield from ({"path": path, "skipped": reason} for path, reason in batch.skipped)
         if not batch.paths:
             continue
-        probs = probabilities(batch.logits, run.metadata["loss"], run.temperature)
-        for path, p in zip(batch.paths, probs):
-            yield {"path": path, **prediction_row(p, labels, top_k, threshold)}
+        raw, shown = run_probabilities(run, batch.logits)
+        for path, p, q in zip(batch.paths, shown, raw):
+            yield {"path": path, **prediction_row(p, labels, top_k, threshold, q)}
 
 
-def prediction_row(p: np.ndarray, labels: list[str], top_k: int, threshold: dict | None) -> dict:
+def run_probabilities(run: ClassifierRun, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(uncalibrated, shown): the probabilities a saved threshold was chosen on (`evaluate
+    --target-recall` works on the model's own), and those reported, after the fitted temperature."""
+    raw = probabilities(logits, run.metadata["loss"])
+    temperature = run.temperature
+    return raw, raw if temperature == 1 else probabilities(logits, run.metadata["loss"], temperature)
+
+
+def prediction_row(p: np.ndarray, labels: list[str], top_k: int, threshold: dict | None,
+                   decide_on: np.ndarray | None = None) -> dict:
     """label, probability and top-k columns for one image's probabilities `p`.
 
-    `threshold` (a binary run's saved {"positive", "threshold"}) decides instead of the argmax.
+    `threshold` (a binary run's saved {"positive", "threshold"}) decides instead of the argmax,
+    applied to `decide_on` (default `p`): the uncalibrated probabilities it was chosen on.
     """
     order = np.argsort(-p, kind="stable")[:top_k]
     chosen = int(order[0])
     if threshold is not None:
         positive = labels.index(threshold["positive"])
-        chosen = positive if p[positive] >= threshold["threshold"] else 1 - positive
+        scores = p if decide_on is None else decide_on
+        chosen = positive if scores[positive] >= threshold["threshold"] else 1 - positive
     row = {"label": labels[chosen], "probability": float(p[chosen])}
     for rank, k in enumerate(order, start=1):
         row[f"top{rank}_label"], row[f"top{rank}_probability"] = labels[k], float(p[k])

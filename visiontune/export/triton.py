@@ -113,9 +113,9 @@ def readme(run: ClassifierRun, name: str, out: Path) -> str:
     threshold = run.threshold if len(run.labels) == 2 else None
     if threshold:
         other = next(label for label in run.labels if label != threshold["positive"])
-        lines.append(f"- the label: `{threshold['positive']}` when its probability >= {threshold['threshold']:.6g}, "
-                     f"else `{other}` (threshold.json, chosen on validation for recall >= "
-                     f"{threshold.get('target_recall')})")
+        lines.append(f"- the label: `{threshold['positive']}` when its probability with T = 1 (the threshold was "
+                     f"chosen on the uncalibrated probabilities) >= {threshold['threshold']:.6g}, else `{other}` "
+                     f"(threshold.json, chosen on validation for recall >= {threshold.get('target_recall')})")
     else:
         lines.append("- the label: the class with the highest probability (no decision threshold saved)")
     lines += [

@@ -27,7 +27,7 @@ from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import load_rgb_bytes
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
-from visiontune.evaluation.predict import prediction_row
+from visiontune.evaluation.predict import prediction_row, run_probabilities
 from visiontune.explain.cam import gradcam
 from visiontune.explain.overlay import model_view, overlay
 from visiontune.inference.engine import (
@@ -38,7 +38,6 @@ from visiontune.inference.engine import (
 )
 from visiontune.io import read_json
 from visiontune.models.classifier_run import ClassifierRun
-from visiontune.models.losses import probabilities
 from visiontune.runformat import ANOMALY_WEIGHTS_FILE, META_FILE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -119,12 +118,11 @@ class ServedClassifier(ServedModel):
         return self._transform(image)
 
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]:
-        logits = forward(self.model, batch, self.plan)
-        probs = probabilities(logits, self.run.metadata["loss"], self.run.temperature)
+        raw, shown = run_probabilities(self.run, forward(self.model, batch, self.plan))
         k = max(1, min(top_k, len(self.labels)))
         results = []
-        for p in probs:
-            row = prediction_row(p, self.labels, k, self._threshold)
+        for p, q in zip(shown, raw):
+            row = prediction_row(p, self.labels, k, self._threshold, q)
             top = [{"label": row[f"top{r}_label"], "probability": row[f"top{r}_probability"]} for r in range(1, k + 1)]
             results.append(Prediction({"label": row["label"], "probability": row["probability"], "top_k": top}))
         return results
