@@ -63,7 +63,7 @@ def _abuse(run_dir: Path, args) -> int:
     good = jpegs[0].read_bytes()
     limit = MAX_UPLOAD_MB * 2**20
     cases = _cases(model, good, jpegs, limit)
-    command = [sys.executable, "-m", "visiontune.cli.main", "serve", str(run_dir), "--port", str(port),
+    command = [sys.executable, *args.cli.split(), "serve", str(run_dir), "--port", str(port),
                "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-images", str(MAX_IMAGES)]
     log_path = args.out.with_suffix(".log")
     rows: list[dict] = []
@@ -84,7 +84,10 @@ def _abuse(run_dir: Path, args) -> int:
             t0 = time.perf_counter()
             status, body, _ = case["send"](port)
             seconds = time.perf_counter() - t0
-            detail = _json(body).get("detail", body[:160].decode(errors="replace") if body else "")
+            answer = _json(body)
+            detail = answer.get("detail", body[:160].decode(errors="replace") if body else "")
+            if status == 200:
+                detail = f"answered with {len(answer.get('results', []))} result(s)"
             ok = status in case["expected"] and (case.get("extra") is None or case["extra"](detail, seconds))
             check(case["name"], case["expected_text"], status, ok, seconds=round(seconds, 3), detail=str(detail)[:200])
 
@@ -344,6 +347,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--storm", type=int, default=1000, help="Malformed requests in a row.")
     parser.add_argument("--out", type=Path, default=Path("runs/serve-abuse.json"))
     parser.add_argument("--quick", action="store_true", help="A storm of 100.")
+    parser.add_argument("--cli", default="-m visiontune.cli.main",
+                        help="Python arguments that start the CLI (e.g. a launcher script that patches the server).")
     args = parser.parse_args()
     if not args.out.is_absolute():
         args.out = ROOT / args.out

@@ -67,7 +67,7 @@ SHARED = Path("/work/shared")
 BOUNDARY = "visiontunebenchboundary7d1f"
 MAX_BATCH, BATCH_TIMEOUT_MS = 8, 2.0
 VARIANTS = ("serve", "baseline", "litserve", "litserve-zmq", "litserve-json")
-DEFAULT_VARIANTS = "serve,baseline,litserve,litserve-zmq"
+DEFAULT_VARIANTS = "serve,baseline,litserve,litserve-zmq,litserve-json"
 TRAIN_OPTIONS = ["--epochs", "3", "--freeze-epochs", "2", "--augment", "light", "--seed", "0"]
 
 
@@ -179,7 +179,8 @@ def _variant(variant: str, run_dir: Path, images, concurrencies, args) -> dict:
                 "batch_histogram": _diff_hist(before["batches"], after["batches"], variant == "serve")
                 if variant != "baseline" else {"1": load["ok"]},
                 "rss_before_mib": before["rss"], "rss_after_mib": after["rss"],
-                "server_cpu_s": round(after["cpu"] - before["cpu"], 2),
+                "server_cpu_s": round(after["cpu"] - before["cpu"], 2), "load_before": before["load"],
+                **_others(before["machine"], after["machine"], after["cpu"] - before["cpu"] + load["client_cpu_s"]),
                 "server_status_counts": _diff_counts(before.get("statuses"), after.get("statuses")),
             }
             phase["mean_batch"] = _mean_batch(phase["batch_histogram"])
@@ -194,8 +195,24 @@ def _variant(variant: str, run_dir: Path, images, concurrencies, args) -> dict:
     return out
 
 
+def _machine_cpu() -> dict[str, float]:
+    """Seconds of CPU time of the whole machine (all processes, every core) from /proc/stat:
+    busy (user+nice+system+irq+softirq) and steal (taken by the hypervisor)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return {"busy": (user + nice + system + irq + softirq) / ticks, "steal": steal / ticks}
+
+
+def _others(machine_before: dict, machine_after: dict, own_cpu_s: float) -> dict:
+    busy = machine_after["busy"] - machine_before["busy"]
+    return {"machine_busy_cpu_s": round(busy, 2), "steal_s": round(machine_after["steal"] - machine_before["steal"], 2),
+            "others_cpu_s": round(busy - own_cpu_s, 2)}
+
+
 def _phase_snapshot(server: Server, port: int, variant: str, batch_log: Path) -> dict:
-    snap = {"rss": server.rss_mib(), "cpu": server.cpu_seconds()}
+    snap = {"rss": server.rss_mib(), "cpu": server.cpu_seconds(), "machine": _machine_cpu(),
+            "load": list(os.getloadavg())}
     if variant == "serve":
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         snap["batches"] = {le: v for le, v in _prom(text, "visiontune_batch_size_bucket", "le").items()}
@@ -355,6 +372,12 @@ def _self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _children_cpu() -> float:
+    """Finished child processes (offline predict's decode workers, once joined)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- in-process measurements -----------------------------------------------------------------------
 
 def _decompose(run_dir: Path, images, args) -> dict:
@@ -366,6 +389,7 @@ def _decompose(run_dir: Path, images, args) -> dict:
     served = ServedClassifier("decompose", run_dir, device="cpu", max_batch_size=MAX_BATCH, threads=args.threads)
     served.warm_up((1, MAX_BATCH))
     decode, predict, total = [], [], []
+    machine, own, load = _machine_cpu(), _self_cpu(), list(os.getloadavg())
     for i in range(args.decompose_repeats):
         data = images[i % len(images)][1]
         t0 = time.perf_counter()
@@ -379,7 +403,8 @@ def _decompose(run_dir: Path, images, args) -> dict:
     out = {"repeats": args.decompose_repeats, "plan": served.plan.describe(), "torch_threads": torch.get_num_threads(),
            "decode_ms_median": 1000 * statistics.median(decode), "predict1_ms_median": 1000 * statistics.median(predict),
            "sum_of_medians_ms": 1000 * (statistics.median(decode) + statistics.median(predict)),
-           "median_of_sums_ms": 1000 * statistics.median(total)}
+           "median_of_sums_ms": 1000 * statistics.median(total), "load_before": load,
+           **_others(machine, _machine_cpu(), _self_cpu() - own)}
     del served
     gc.collect()
     return out
@@ -398,15 +423,18 @@ def _offline(run_dir: Path, val: list[Path], args) -> dict:
     rate = len(rows) / (time.perf_counter() - t0)
     repeat = max(1, math.ceil(args.offline_seconds * rate / len(paths)))
     listed = paths * repeat
+    machine, own, load = _machine_cpu(), _self_cpu() + _children_cpu(), list(os.getloadavg())
     t0 = time.perf_counter()
     result = run.predict(listed, threads=args.threads)
     seconds = time.perf_counter() - t0
+    others = _others(machine, _machine_cpu(), _self_cpu() + _children_cpu() - own)
     truth = {p: Path(p).parent.name for p in paths}
     accuracy = sum(row["label"] == truth[row["path"]] for row in result.rows[:len(paths)]) / len(paths)
     plan = plan_inference("cpu", threads=args.threads)
     out = {"images": len(listed), "repeat": repeat, "seconds": round(seconds, 2),
            "images_per_s": len(result.rows) / seconds, "skipped": len(result.skipped), "val_accuracy": accuracy,
-           "plan": plan.describe() + " (decode workers as planned at the time of this call)"}
+           "plan": plan.describe() + " (decode workers as planned at the time of this call)", "load_before": load,
+           **others}
     del run, result
     gc.collect()
     return out
@@ -691,15 +719,16 @@ def _tables(result: dict) -> str:
         f"run: {run['dir']} ({run['model']}); val {_acc(run['val'])}, test {_acc(run['test'])}",
         "",
         f"offline predict: {result['offline']['images_per_s']:.1f} images/s ({result['offline']['images']} images, "
-        f"{result['offline']['seconds']} s; {result['offline']['plan']})",
+        f"{result['offline']['seconds']} s; {result['offline']['plan']}; others' CPU "
+        f"{result['offline']['others_cpu_s']} s)",
         f"decompose ({result['decompose']['repeats']} repeats, {result['decompose']['plan']}): decode "
         f"{result['decompose']['decode_ms_median']:.2f} ms + predict(batch 1) {result['decompose']['predict1_ms_median']:.2f}"
         f" ms = {result['decompose']['sum_of_medians_ms']:.2f} ms (median of sums "
-        f"{result['decompose']['median_of_sums_ms']:.2f} ms)",
+        f"{result['decompose']['median_of_sums_ms']:.2f} ms; others' CPU {result['decompose']['others_cpu_s']} s)",
         "",
         "| variant | conc | req/s | p50 ms | p95 ms | p99 ms | errors | batch sizes (mean) | RSS before->after MiB "
-        "| server CPU s | client CPU s | warm-up acc |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |",
+        "| server CPU s | client CPU s | others' CPU s | warm-up acc |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, variant in result["variants"].items():
         for c, p in variant["phases"].items():
@@ -708,7 +737,7 @@ def _tables(result: dict) -> str:
                 f"| {name} | {c} | {p['req_per_s']:.1f} | {_ms(p['p50_ms'])} | {_ms(p['p95_ms'])} | {_ms(p['p99_ms'])} | "
                 f"{json.dumps(p['errors']) if p['errors'] else 0}{' (cut by time)' if p['cut_by_time'] else ''} | "
                 f"{hist} ({p['mean_batch']}) | {p['rss_before_mib']:.0f}->{p['rss_after_mib']:.0f} | "
-                f"{p['server_cpu_s']:.1f} | {p['client_cpu_s']:.1f} | "
+                f"{p['server_cpu_s']:.1f} | {p['client_cpu_s']:.1f} | {p['others_cpu_s']:.1f} | "
                 f"{'-' if p['warmup_accuracy'] is None else format(p['warmup_accuracy'], '.3f')} |")
     lines += ["", "| target | value | pass |", "| --- | --- | --- |"]
     for t in result["targets"]:
