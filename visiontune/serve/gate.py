@@ -33,7 +33,9 @@ class BodyLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and not declared.isdigit():
+            return await self._refuse(scope, send, Refused(400, "bad_request", "invalid Content-Length header"))
+        if declared is not None and int(declared) > self.max_bytes:
             return await self._refuse(scope, send, Refused(
                 413, "too_large", f"the upload is larger than the limit of {self.max_bytes:,} bytes"))
         received = 0

@@ -114,6 +114,12 @@ def test_limits_refuse_with_their_status_codes(client) -> None:
     bad_option = client.post("/models/parts/predict?top_k=many", content=png())
     assert (bad_option.status_code, bad_option.json()["error"]) == (422, "bad_request")
     assert bad_option.json()["detail"].startswith("query.top_k: ")
+    complete = client.build_request("POST", "/models/parts/predict", files=[
+        ("files", ("a.png", png(), "image/png")), ("files", ("b.png", png(), "image/png"))])
+    body = complete.read()
+    cut = client.post("/models/parts/predict", content=body[: len(body) - 80],  # inside the second part
+                      headers={"Content-Type": complete.headers["Content-Type"]})
+    assert (cut.status_code, cut.json()["error"]) == (400, "bad_request") and "closing boundary" in cut.json()["detail"]
     unknown = client.post("/models/prats/predict", content=png())
     assert unknown.status_code == 404 and "did you mean parts" in unknown.json()["detail"]
 
