@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
 import select
 import socket
@@ -38,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import ROOT, SHARED, Server, _env, _free_port, _machine  # noqa: E402
+from serve_load import ROOT, SHARED, Server, _env, _free_port, _machine
 
 MAX_UPLOAD_MB, MAX_IMAGES = 2, 4
 READ_TIMEOUT_S = 10  # ServeSettings.read_timeout_s (not a CLI option)
@@ -330,9 +329,8 @@ def _json(body: bytes) -> dict:
 def _tiny_run(tmp: Path) -> Path:
     """A test_resnet run on generated colour images (the test suite's tiny recipe)."""
     sys.path.insert(0, str(ROOT))
-    from tests.conftest import TINY_OPTIONS, write_class_folders
-
     import visiontune
+    from tests.conftest import TINY_OPTIONS, write_class_folders
 
     data = write_class_folders(tmp / "data", {"blue": 12, "red": 12})
     visiontune.fit(str(data), out=str(tmp / "tiny"), **TINY_OPTIONS)

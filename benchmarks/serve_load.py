@@ -60,7 +60,10 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from fastapi import File, UploadFile  # module level: the baseline's annotations resolve against it
+from fastapi import (  # module level: the baseline's annotations resolve against it
+    File,
+    UploadFile,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path("/work/shared")
@@ -499,7 +502,7 @@ class Server:
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue
-            match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+            match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
             total += int(match.group(1)) if match else 0
         return round(total / 1024, 1)
 
