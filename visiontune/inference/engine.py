@@ -102,15 +102,16 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def load_for_inference(run, plan: InferencePlan, fallback: bool = False) -> tuple[object, InferencePlan]:
+def load_for_inference(run, plan: InferencePlan, fallback: bool = False, spin: bool = True
+                       ) -> tuple[object, InferencePlan]:
     """The run's best model ready for `plan`: an nn.Module or an ONNX Runtime model, and the plan.
 
     With `fallback` (the backend was chosen automatically), a model the ONNX exporter cannot handle
-    runs in torch instead, with a warning, and the returned plan says so.
+    runs in torch instead, with a warning, and the returned plan says so. `spin` as in `OnnxModel`.
     """
     if plan.backend == "onnx":
         try:
-            return OnnxModel(export_run(run, plan.quantize), plan.threads), plan
+            return OnnxModel(export_run(run, plan.quantize), plan.threads, spin), plan
         except Exception as exc:
             if not fallback or isinstance(exc, UserError):
                 raise

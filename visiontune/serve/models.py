@@ -102,7 +102,7 @@ class ServedClassifier(ServedModel):
         self.run = ClassifierRun(directory)
         super().__init__(name, self.run.dir, self.run.checkpoint_path("best"), self.run.config.max_pixels)
         plan = plan_inference(resolve_device(device), max_batch_size, None, backend, quantize, threads, workers=0)
-        model, self.plan = load_for_inference(self.run, plan, fallback=backend is None and quantize is None)
+        model, self.plan = load_for_inference(self.run, plan, fallback=backend is None and quantize is None, spin=False)
         self.model = prepare_model(model, self.plan)
         self.labels = self.run.labels
         self._transform = self.run.preprocessing.eval_transform()
