@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import difflib
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,9 @@ def create_app(models: list[ServedModel], settings: ServeSettings | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # A malformed upload is the client's error, answered 400; the parser's own warning per
+        # bad part would fill the server's log during a stream of them.
+        logging.getLogger("python_multipart").setLevel(logging.ERROR)
         batchers = {name: Batcher(model, metrics, settings.max_batch_size, settings.batch_timeout_ms / 1000,
                                   settings.max_queue) for name, model in by_name.items()}
         for batcher in batchers.values():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import socket
 import tempfile
@@ -93,9 +92,6 @@ def serve(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, workers: i
     check_port(host, port)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, not {workers}")
-    # A malformed upload is the client's error, answered 400; the parser's own warning per bad
-    # part would fill the server's log during a stream of them.
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     models = load_models(spec)  # in this process too: errors before the port opens, and for the banner
     if on_ready is not None:
         on_ready(models)
