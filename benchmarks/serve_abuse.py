@@ -62,7 +62,7 @@ def _abuse(run_dir: Path, args) -> int:
     good = jpegs[0].read_bytes()
     limit = MAX_UPLOAD_MB * 2**20
     cases = _cases(model, good, jpegs, limit)
-    command = [sys.executable, *args.cli.split(), "serve", str(run_dir), "--port", str(port),
+    command = [sys.executable, "-m", "visiontune.cli.main", "serve", str(run_dir), "--port", str(port),
                "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-images", str(MAX_IMAGES)]
     log_path = args.out.with_suffix(".log")
     rows: list[dict] = []
@@ -345,8 +345,6 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--storm", type=int, default=1000, help="Malformed requests in a row.")
     parser.add_argument("--out", type=Path, default=Path("runs/serve-abuse.json"))
     parser.add_argument("--quick", action="store_true", help="A storm of 100.")
-    parser.add_argument("--cli", default="-m visiontune.cli.main",
-                        help="Python arguments that start the CLI (e.g. a launcher script that patches the server).")
     args = parser.parse_args()
     if not args.out.is_absolute():
         args.out = ROOT / args.out

@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import base64
 import gc
+import importlib.metadata
 import io
 import json
 import math
@@ -647,20 +648,15 @@ class _LitClassifier(_lit_api_base()):
 # -- machine, results ------------------------------------------------------------------------------
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import aiohttp
-    import litserve
-    import onnxruntime
-    import torch
-    import uvicorn
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "litserve": litserve.__version__,
-            "uvicorn": uvicorn.__version__, "aiohttp": aiohttp.__version__,
+    from visiontune.bench.benchmark import machine
+
+    versions = {}
+    for package in ("onnxruntime", "litserve", "uvicorn", "aiohttp"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {**machine(), "python": platform.python_version(), **versions,
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
