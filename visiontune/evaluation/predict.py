@@ -47,6 +47,7 @@ def iter_rows(
     labels = run.labels
     top_k = max(1, min(top_k, len(labels)))
     threshold = run.threshold if len(labels) == 2 else None
+    loss, temperature = run.metadata["loss"], run.temperature
     paths = expand_image_paths(inputs)
     plan = plan_inference(resolve_device(device), batch_size, precision, backend, quantize, threads, workers)
     model, plan = load_for_inference(run, plan, fallback=backend is None and quantize is None)
@@ -57,17 +58,16 @@ def iter_rows(
         yield from ({"path": path, "skipped": reason} for path, reason in batch.skipped)
         if not batch.paths:
             continue
-        raw, shown = run_probabilities(run, batch.logits)
+        raw, shown = raw_and_shown_probabilities(batch.logits, loss, temperature)
         for path, p, q in zip(batch.paths, shown, raw):
             yield {"path": path, **prediction_row(p, labels, top_k, threshold, q)}
 
 
-def run_probabilities(run: ClassifierRun, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def raw_and_shown_probabilities(logits: np.ndarray, loss: str, temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """(uncalibrated, shown): the probabilities a saved threshold was chosen on (`evaluate
     --target-recall` works on the model's own), and those reported, after the fitted temperature."""
-    raw = probabilities(logits, run.metadata["loss"])
-    temperature = run.temperature
-    return raw, raw if temperature == 1 else probabilities(logits, run.metadata["loss"], temperature)
+    raw = probabilities(logits, loss)
+    return raw, raw if temperature == 1 else probabilities(logits, loss, temperature)
 
 
 def prediction_row(p: np.ndarray, labels: list[str], top_k: int, threshold: dict | None,

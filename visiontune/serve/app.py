@@ -6,9 +6,10 @@
     GET  /metrics                  Prometheus text format
     POST /models/<name>/predict    multipart files (one or several) or raw image bytes
 
-Every refusal is JSON `{"error": kind, "detail": reason}` with its status code: 401 without the
-API key, 404 for an unknown model (with "did you mean"), 408 for a stalled upload, 413 past the
-size or image-count limit, 415 for bytes that are not an image, 422 for a damaged one, 503 with
+Every refusal is JSON `{"error": kind, "detail": reason}` with its status code: 400 for a
+malformed body or option, 401 without the API key, 404 for an unknown model (with "did you
+mean"), 408 for a stalled upload, 413 past the size or image-count limit, 415 for bytes that are
+not an image, 422 for a damaged one, 500 when the model fails (the server goes on), 503 with
 Retry-After when the queue is full, 504 past the request timeout. Upload names are only echoed
 back (base name, printable, capped), never used as paths.
 """

@@ -27,7 +27,7 @@ from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import load_rgb_bytes
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
-from visiontune.evaluation.predict import prediction_row, run_probabilities
+from visiontune.evaluation.predict import prediction_row, raw_and_shown_probabilities
 from visiontune.explain.cam import gradcam
 from visiontune.explain.overlay import model_view, overlay
 from visiontune.inference.engine import (
@@ -106,7 +106,9 @@ class ServedClassifier(ServedModel):
         self.model = prepare_model(model, self.plan)
         self.labels = self.run.labels
         self._transform = self.run.preprocessing.eval_transform()
+        # read once: what the server answers with does not change under it when evaluate rewrites them
         self._threshold = self.run.threshold if len(self.labels) == 2 else None
+        self._loss, self._temperature = self.run.metadata["loss"], self.run.temperature
         self._torch_model = None  # for Grad-CAM, loaded on the first overlay request
         self._cam_lock = threading.Lock()
 
@@ -118,7 +120,7 @@ class ServedClassifier(ServedModel):
         return self._transform(image)
 
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]:
-        raw, shown = run_probabilities(self.run, forward(self.model, batch, self.plan))
+        raw, shown = raw_and_shown_probabilities(forward(self.model, batch, self.plan), self._loss, self._temperature)
         k = max(1, min(top_k, len(self.labels)))
         results = []
         for p, q in zip(shown, raw):
@@ -142,7 +144,7 @@ class ServedClassifier(ServedModel):
         return {
             "name": self.name, "kind": self.kind, "version": self.version, "backbone": self.run.metadata["model"],
             "classes": self.labels, "preprocessing": self.run.preprocessing.to_dict(),
-            "threshold": self._threshold, "temperature": self.run.temperature,
+            "threshold": self._threshold, "temperature": self._temperature,
             "metrics": {split: summary.get(split) for split in ("val", "test")},
             "kept": summary.get("kept"), "inference": self.plan.describe(),
         }
