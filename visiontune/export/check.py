@@ -8,7 +8,6 @@ TOLERANCE is refused with the numbers.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from collections.abc import Callable
@@ -30,15 +29,10 @@ REFERENCE = "torch eager fp32"
 def check_inputs(run: ClassifierRun, n: int = CHECK_IMAGES) -> tuple[torch.Tensor, str]:
     """Up to `n` readable validation images (training ones when there is no val split), preprocessed
     as predict does; seeded noise, said so, when none can be read (a run copied without its data)."""
-    rows = []
-    if (run.dir / SPLITS_FILE).is_file():
-        with (run.dir / SPLITS_FILE).open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
     transform, max_pixels = run.preprocessing.eval_transform(), run.config.max_pixels
     for split in ("val", "train"):
         images = []
-        for row in (r for r in rows if r.get("split") == split):
-            path = Path(row["path"]) if Path(row["path"]).is_absolute() else run.dir / row["path"]
+        for path in run.split_paths(split):
             try:
                 images.append(transform(load_rgb(path, max_pixels)))
             except (ImageLoadError, OSError):

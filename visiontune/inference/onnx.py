@@ -25,7 +25,6 @@ from torch import nn
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.errors import UserError
 from visiontune.io import atomic_write, write_text_atomic
-from visiontune.runformat import SPLITS_FILE
 
 QUANTIZE = (None, "int8")
 INPUT, OUTPUT = "images", "logits"
@@ -150,11 +149,7 @@ def calibration_batches(paths: Sequence[str], transform, max_pixels: int, batch_
 
 def _calibration_paths(run, n: int, seed: int) -> list[str]:
     """A seeded sample of the run's training images (val and test stay unseen by calibration)."""
-    import csv
-
-    with (run.dir / SPLITS_FILE).open(newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("split") == "train"]
-    paths = [str((run.dir / row["path"]) if not Path(row["path"]).is_absolute() else row["path"]) for row in rows]
+    paths = [str(path) for path in run.split_paths("train")]
     if not paths:
         raise UserError(f"{run.dir}/splits.csv lists no training images to calibrate int8 quantization on")
     random.Random(seed).shuffle(paths)

@@ -8,6 +8,7 @@ predict, explain and report on top.
 
 from __future__ import annotations
 
+import csv
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from visiontune.runformat import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     META_FILE,
+    SPLITS_FILE,
     SUMMARY_FILE,
     THRESHOLD_FILE,
     read_meta,
@@ -83,6 +85,16 @@ class ClassifierRun:
             return float(read_json(path)["temperature"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path} is damaged: no numeric 'temperature'") from None
+
+    def split_paths(self, split: str) -> list[Path]:
+        """The images RUN/splits.csv puts in `split`, in its order (relative paths resolved against
+        the run directory); none without the file."""
+        path = self.dir / SPLITS_FILE
+        if not path.is_file():
+            return []
+        with path.open(newline="") as handle:
+            rows = [row["path"] for row in csv.DictReader(handle) if row.get("split") == split]
+        return [Path(row) if Path(row).is_absolute() else self.dir / row for row in rows]
 
     def checkpoint_path(self, which: str = "best") -> Path:
         if which not in CHECKPOINTS:

@@ -8,7 +8,6 @@ for an anomaly model. `load_served` tells the two apart by the directory's model
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import threading
@@ -36,6 +35,7 @@ from visiontune.inference.engine import (
     plan_inference,
     prepare_model,
 )
+from visiontune.inference.onnx import checkpoint_key
 from visiontune.io import read_json
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.runformat import ANOMALY_WEIGHTS_FILE, META_FILE
@@ -64,7 +64,7 @@ class ServedModel(ABC):
 
     def __init__(self, name: str, directory: Path, weights: Path, max_pixels: int) -> None:
         self.name, self.directory, self.max_pixels = name, directory, max_pixels
-        self.version = _sha256(weights)[:12]
+        self.version = checkpoint_key(weights)["sha256"][:12]
 
     def decode(self, data: bytes, keep_image: bool = False) -> Decoded:
         """Raises visiontune.data.images.ImageLoadError with the reason for unusable bytes."""
@@ -220,11 +220,3 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
