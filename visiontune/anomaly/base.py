@@ -228,7 +228,7 @@ class AnomalyModel:
         """Scores batch by batch, so any number of images is scored in bounded memory."""
         skipped: list[Skipped] = []
         for images, indices in self._batches(paths, skipped):
-            image_scores, maps = self.score_embedding(self.detector, self._embed(images))
+            image_scores, maps = self.score_images(images)
             yield Scores([paths[i] for i in indices], image_scores, maps, skipped.copy())
             skipped.clear()
         if skipped:

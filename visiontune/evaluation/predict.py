@@ -60,7 +60,7 @@ def iter_rows(
             continue
         raw, shown = raw_and_shown_probabilities(batch.logits, loss, temperature)
         for path, p, q in zip(batch.paths, shown, raw):
-            yield {"path": path, **prediction_row(p, labels, top_k, threshold, q)}
+            yield {"path": path, **prediction_row(p, q, labels, top_k, threshold)}
 
 
 def raw_and_shown_probabilities(logits: np.ndarray, loss: str, temperature: float) -> tuple[np.ndarray, np.ndarray]:
@@ -70,19 +70,17 @@ def raw_and_shown_probabilities(logits: np.ndarray, loss: str, temperature: floa
     return raw, raw if temperature == 1 else probabilities(logits, loss, temperature)
 
 
-def prediction_row(p: np.ndarray, labels: list[str], top_k: int, threshold: dict | None,
-                   decide_on: np.ndarray | None = None) -> dict:
-    """label, probability and top-k columns for one image's probabilities `p`.
+def prediction_row(p: np.ndarray, raw: np.ndarray, labels: list[str], top_k: int, threshold: dict | None) -> dict:
+    """label, probability and top-k columns for one image's shown probabilities `p`.
 
     `threshold` (a binary run's saved {"positive", "threshold"}) decides instead of the argmax,
-    applied to `decide_on` (default `p`): the uncalibrated probabilities it was chosen on.
+    applied to `raw`: the uncalibrated probabilities it was chosen on.
     """
     order = np.argsort(-p, kind="stable")[:top_k]
     chosen = int(order[0])
     if threshold is not None:
         positive = labels.index(threshold["positive"])
-        scores = p if decide_on is None else decide_on
-        chosen = positive if scores[positive] >= threshold["threshold"] else 1 - positive
+        chosen = positive if raw[positive] >= threshold["threshold"] else 1 - positive
     row = {"label": labels[chosen], "probability": float(p[chosen])}
     for rank, k in enumerate(order, start=1):
         row[f"top{rank}_label"], row[f"top{rank}_probability"] = labels[k], float(p[k])

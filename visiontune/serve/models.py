@@ -124,7 +124,7 @@ class ServedClassifier(ServedModel):
         k = max(1, min(top_k, len(self.labels)))
         results = []
         for p, q in zip(shown, raw):
-            row = prediction_row(p, self.labels, k, self._threshold, q)
+            row = prediction_row(p, q, self.labels, k, self._threshold)
             top = [{"label": row[f"top{r}_label"], "probability": row[f"top{r}_probability"]} for r in range(1, k + 1)]
             results.append(Prediction({"label": row["label"], "probability": row["probability"], "top_k": top}))
         return results
