@@ -25,6 +25,7 @@ from visiontune.cli.bench import benchmark
 from visiontune.cli.compare import register as register_compare
 from visiontune.cli.export import export
 from visiontune.cli.features import register as register_features
+from visiontune.cli.ood import ood_app
 from visiontune.cli.serve import serve as serve_command
 from visiontune.cli.tune import tune as tune_command
 from visiontune.config import TrainConfig, build_config
@@ -41,6 +42,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 app.add_typer(anomaly_app, name="anomaly", help="Unsupervised defect detection: PaDiM and PatchCore.")
+app.add_typer(ood_app, name="ood", help="Out-of-distribution scores of a run's inputs: fit them on an older run.")
 app.command()(benchmark)
 app.command()(export)
 register_compare(app)  # compare, lr-find

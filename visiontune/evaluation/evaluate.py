@@ -7,9 +7,11 @@ evaluated is only ever predicted. Outputs go to RUN/eval/<name>/.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from visiontune.data.sources import discover
 from visiontune.devices import resolve_device
@@ -22,6 +24,8 @@ from visiontune.inference.engine import iter_logits, load_for_inference, plan_in
 from visiontune.io import write_csv_atomic, write_text_atomic
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.models.losses import probabilities
+from visiontune.ood.detector import PRIMARY, OODDetector
+from visiontune.ood.fit import load_ood
 from visiontune.runformat import SPLITS_FILE
 
 HONESTY_NOTE = (
@@ -29,6 +33,20 @@ HONESTY_NOTE = (
     "the temperature are all chosen on the validation split. Evaluation never augments."
 )
 EXPLAINED_IMAGES = 4
+NO_OOD_NOTE = "No OOD scores: the run has no fitted OOD scorers (fit them with `visiontune ood fit RUN`)."
+
+
+@dataclass
+class Predicted:
+    """The readable images of one evaluated set, with their targets and the model's outputs."""
+
+    paths: list[str]
+    logits: np.ndarray
+    y_true: np.ndarray
+    skipped: list[tuple[str, str]]
+    features: np.ndarray | None  # penultimate features, when the run has OOD scorers
+
+
 SELECTION_NOTE = (
     "Optimistic: the {split} split took part in choices (it is what the model was {what} on), so "
     "these numbers overstate performance on new images. Evaluate the test split or --data for that."
@@ -59,19 +77,24 @@ def evaluate_run(
     plan = plan_inference(resolve_device(device), batch_size, precision, backend, quantize, workers=workers)
     model, plan = load_for_inference(run, plan, fallback=backend is None and quantize is None)
     transform = run.preprocessing.eval_transform()
-    infer = {"plan": plan, "max_pixels": run.config.max_pixels}
+    ood = load_ood(run)
+    infer = {"plan": plan, "max_pixels": run.config.max_pixels, "features": ood is not None}
 
-    def predict(pairs: list[tuple[str, int]]) -> tuple[list[str], np.ndarray, np.ndarray, list]:
+    def predict(pairs: list[tuple[str, int]]) -> Predicted:
         target_of = dict(pairs)
-        paths, logits, skipped = [], [], []
+        paths, logits, features, skipped = [], [], [], []
         for batch in iter_logits(model, transform, [p for p, _ in pairs], **infer):
             paths += batch.paths
             logits.append(batch.logits.reshape(len(batch.paths), -1))
+            if batch.features is not None and batch.paths:
+                features.append(batch.features)
             skipped += batch.skipped
         stacked = np.concatenate(logits) if paths else np.zeros((0, len(labels)), np.float32)
-        return paths, stacked, np.array([target_of[p] for p in paths], dtype=int), skipped
+        return Predicted(paths, stacked, np.array([target_of[p] for p in paths], dtype=int), skipped,
+                         np.concatenate(features) if features else None)
 
-    paths, logits, y_true, skipped = predict(samples)
+    evaluated = predict(samples)
+    paths, logits, y_true, skipped = evaluated.paths, evaluated.logits, evaluated.y_true, evaluated.skipped
     if not paths:
         raise UserError(f"no readable images to evaluate in {name}")
     binary = len(labels) == 2
@@ -79,7 +102,7 @@ def evaluate_run(
     needs_val = temperature or target_recall is not None
     if target_recall is not None and not binary:
         raise UserError("--target-recall applies to binary tasks only")
-    val = predict(_split_samples(run, "val")) if needs_val and name != "val" else (paths, logits, y_true, skipped)
+    val = predict(_split_samples(run, "val")) if needs_val and name != "val" else evaluated
 
     out_dir = run.dir / "eval" / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +115,7 @@ def evaluate_run(
         "unknown_classes": unknown,
     }
     if temperature:
-        t = fit_temperature(val[1], val[2])
+        t = fit_temperature(val.logits, val.y_true)
         _save_json(run.dir / "calibration.json", {"temperature": t, "fitted_on": "val"})
         result["calibration"]["temperature"] = t
         result["calibration"]["temperature_scaled"] = m.expected_calibration_error(
@@ -102,7 +125,14 @@ def evaluate_run(
         result["binary"] = _binary_block(run, labels, positive_index, y_true, probs, val, target_recall)
     if data is not None:
         result["in_domain"] = _in_domain_reference(run)
-    _write_outputs(run, out_dir, result, paths, y_true, probs, top_n)
+    ood_rows = None
+    if ood is None:
+        result["notes"].append(NO_OOD_NOTE)
+    else:
+        in_domain = result.get("in_domain")  # another folder: scored against the run's own held-out images
+        reference = predict(_split_samples(run, in_domain["split"])) if in_domain else None
+        result["ood"], ood_rows = _ood_block(ood, evaluated, reference)
+    _write_outputs(run, out_dir, result, paths, y_true, probs, top_n, ood_rows)
     _explain_worst(run, result, out_dir / "explanations")
     return result
 
@@ -146,11 +176,11 @@ def _positive_index(labels: list[str], positive: str | None) -> int:
 
 
 def _binary_block(run: ClassifierRun, labels: list[str], positive: int, y_true: np.ndarray, probs: np.ndarray,
-                  val: tuple, target_recall: float | None) -> dict:
+                  val: Predicted, target_recall: float | None) -> dict:
     block = {"positive": labels[positive], **m.binary_curves(y_true, probs[:, positive], positive)}
     if target_recall is not None:
-        val_probs = probabilities(val[1], run.metadata["loss"])
-        chosen = m.threshold_for_recall(val[2], val_probs[:, positive], positive, target_recall)
+        val_probs = probabilities(val.logits, run.metadata["loss"])
+        chosen = m.threshold_for_recall(val.y_true, val_probs[:, positive], positive, target_recall)
         saved = {"positive": labels[positive], "threshold": chosen["threshold"], "target_recall": target_recall,
                  "val_recall": chosen["recall"], "val_precision": chosen["precision"], "fitted_on": "val"}
         _save_json(run.dir / "threshold.json", saved)
@@ -159,6 +189,21 @@ def _binary_block(run: ClassifierRun, labels: list[str], positive: int, y_true: 
         at = m.precision_recall_at(y_true, probs[:, positive], positive, saved["threshold"])
         block["threshold"] = {**saved, "here": at}
     return block
+
+
+def _ood_block(ood: OODDetector, evaluated: Predicted, reference: Predicted | None) -> tuple[dict, list[dict]]:
+    """The share of images flagged out of distribution, each image's score and flag, and, for
+    another folder, how well each scorer tells it from the run's own held-out images (AUROC)."""
+    scores = ood.score(evaluated.logits, evaluated.features)
+    flagged = ood.flag(scores)
+    block = {"primary": PRIMARY, "threshold": ood.thresholds_[PRIMARY], "keep": ood.keep,
+             "flagged_rate": float(flagged.mean()), "flagged": int(flagged.sum()), "images": len(flagged)}
+    if reference is not None and len(reference.paths):
+        in_domain = ood.score(reference.logits, reference.features)
+        truth = np.r_[np.zeros(len(reference.paths)), np.ones(len(flagged))]
+        block["reference_flagged_rate"] = float(ood.flag(in_domain).mean())
+        block["auroc"] = {name: float(roc_auc_score(truth, np.r_[in_domain[name], scores[name]])) for name in scores}
+    return block, ood.columns(scores)
 
 
 def _in_domain_reference(run: ClassifierRun) -> dict | None:
@@ -170,8 +215,8 @@ def _in_domain_reference(run: ClassifierRun) -> dict | None:
 
 
 def _write_outputs(run: ClassifierRun, out_dir: Path, result: dict, paths: list[str], y_true: np.ndarray,
-                   probs: np.ndarray, top_n: int) -> None:
-    rows, losses = write_predictions_csv(out_dir / "predictions.csv", paths, y_true, probs, result["labels"])
+                   probs: np.ndarray, top_n: int, ood_rows: list[dict] | None) -> None:
+    rows, losses = write_predictions_csv(out_dir / "predictions.csv", paths, y_true, probs, result["labels"], ood_rows)
     order = np.argsort(-losses, kind="stable")
     worst = [rows[i] for i in order[:top_n]]
     best = [rows[i] for i in order[::-1][:top_n]]
@@ -190,13 +235,15 @@ def _write_outputs(run: ClassifierRun, out_dir: Path, result: dict, paths: list[
 
 
 def write_predictions_csv(path: Path, paths: list[str], y_true: np.ndarray, probs: np.ndarray,
-                          labels: list[str]) -> tuple[list[dict], np.ndarray]:
-    """predictions.csv: every image with its class probabilities and loss; returns (rows, losses)."""
+                          labels: list[str], extra: list[dict] | None = None) -> tuple[list[dict], np.ndarray]:
+    """predictions.csv: every image with its class probabilities, loss and `extra` columns (OOD
+    score and flag); returns (rows, losses)."""
     y_pred = probs.argmax(axis=1)
     losses = -np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None))
+    extra = extra or [{}] * len(paths)
     rows = [
         {"path": p, "actual": labels[t], "predicted": labels[q], "probability": float(probs[i, q]),
-         "loss": float(losses[i]), **{f"p_{label}": float(probs[i, k]) for k, label in enumerate(labels)}}
+         "loss": float(losses[i]), **{f"p_{label}": float(probs[i, k]) for k, label in enumerate(labels)}, **extra[i]}
         for i, (p, t, q) in enumerate(zip(paths, y_true, y_pred))
     ]
     write_csv_atomic(path, list(rows[0]), rows)

@@ -3,7 +3,8 @@
 Rows are written as batches finish, so memory stays flat however many images there are. Binary
 runs with a saved threshold (`evaluate --target-recall`) decide with it, on the uncalibrated
 probabilities it was chosen on; a fitted temperature (`evaluate --temperature`) scales the
-probabilities reported.
+probabilities reported. A run with fitted OOD scorers (`visiontune ood fit`, or the end of `train`)
+adds `ood_score` and `ood` to every row.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from visiontune.inference.engine import iter_logits, load_for_inference, plan_in
 from visiontune.io import atomic_write, write_csv_atomic
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.models.losses import probabilities
+from visiontune.ood.fit import load_ood
 
 FORMATS = (".csv", ".jsonl")
 
@@ -47,20 +49,20 @@ def iter_rows(
     labels = run.labels
     top_k = max(1, min(top_k, len(labels)))
     threshold = run.threshold if len(labels) == 2 else None
-    loss, temperature = run.metadata["loss"], run.temperature
+    loss, temperature, ood = run.metadata["loss"], run.temperature, load_ood(run)
     paths = expand_image_paths(inputs)
     plan = plan_inference(resolve_device(device), batch_size, precision, backend, quantize, threads, workers)
     model, plan = load_for_inference(run, plan, fallback=backend is None and quantize is None)
-    batches = iter_logits(
-        model, run.preprocessing.eval_transform(), paths, max_pixels=run.config.max_pixels, tta=tta, plan=plan
-    )
+    batches = iter_logits(model, run.preprocessing.eval_transform(), paths, max_pixels=run.config.max_pixels,
+                          tta=tta, plan=plan, features=ood is not None)
     for batch in batches:
         yield from ({"path": path, "skipped": reason} for path, reason in batch.skipped)
         if not batch.paths:
             continue
         raw, shown = raw_and_shown_probabilities(batch.logits, loss, temperature)
-        for path, p, q in zip(batch.paths, shown, raw):
-            yield {"path": path, **prediction_row(p, q, labels, top_k, threshold)}
+        flags = [{}] * len(batch.paths) if ood is None else ood.columns(ood.score(batch.logits, batch.features))
+        for path, p, q, flag in zip(batch.paths, shown, raw, flags):
+            yield {"path": path, **prediction_row(p, q, labels, top_k, threshold), **flag}
 
 
 def raw_and_shown_probabilities(logits: np.ndarray, loss: str, temperature: float) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 Layout (Triton's): OUT/<name>/config.pbtxt, OUT/<name>/labels.txt, OUT/<name>/1/model.onnx, plus
 OUT/README.md. Triton runs the network only: decoding and preprocessing happen in the client, and
-the model answers logits, so the README spells out the run's preprocessing, temperature and
+the model answers logits (and the penultimate `features`), so the README spells out the run's preprocessing, temperature and
 decision threshold with their values, as `visiontune predict` applies them.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from visiontune.errors import UserError
 from visiontune.export.check import copy_checked
-from visiontune.inference.onnx import INPUT, OUTPUT
+from visiontune.inference.onnx import FEATURES, INPUT, OUTPUT
 from visiontune.io import write_text_atomic
 from visiontune.models.classifier_run import ClassifierRun
 
@@ -38,12 +38,21 @@ def write_repository(run: ClassifierRun, onnx_file: Path, check: dict, out: Path
     model_dir = out / name
     copy_checked(onnx_file, model_dir / "1" / "model.onnx", check)
     write_text_atomic(model_dir / "labels.txt", "".join(f"{label}\n" for label in run.labels))
-    write_text_atomic(model_dir / "config.pbtxt", config_text(name, run.preprocessing.input_size, len(run.labels)))
+    config = config_text(name, run.preprocessing.input_size, len(run.labels), feature_size(onnx_file))
+    write_text_atomic(model_dir / "config.pbtxt", config)
     write_text_atomic(out / "README.md", readme(run, name, out))
     return model_dir
 
 
-def config_text(name: str, image_size: int, classes: int) -> str:
+def feature_size(onnx_file: Path) -> int:
+    """The width of the graph's `features` output (the run's penultimate layer)."""
+    import onnx  # an optional dependency, present whenever an ONNX file was exported
+
+    outputs = {output.name: output for output in onnx.load(str(onnx_file), load_external_data=False).graph.output}
+    return outputs[FEATURES].type.tensor_type.shape.dim[1].dim_value
+
+
+def config_text(name: str, image_size: int, classes: int, features: int) -> str:
     """Triton's ModelConfig in protobuf text format; dims leave out the batch axis (max_batch_size > 0)."""
     preferred = ", ".join(map(str, PREFERRED_BATCH_SIZES))
     return f"""name: "{name}"
@@ -62,6 +71,11 @@ output [
     data_type: TYPE_FP32
     dims: [ {classes} ]
     label_filename: "labels.txt"
+  }},
+  {{
+    name: "{FEATURES}"
+    data_type: TYPE_FP32
+    dims: [ {features} ]
   }}
 ]
 dynamic_batching {{
@@ -119,6 +133,11 @@ def readme(run: ClassifierRun, name: str, out: Path) -> str:
     else:
         lines.append("- the label: the class with the highest probability (no decision threshold saved)")
     lines += [
+        "",
+        f"## Output `{FEATURES}`: float32 [N, D], the penultimate features the logits are computed from",
+        "",
+        "What `visiontune predict` scores out-of-distribution inputs on (KNN distance to the run's training",
+        "features, RUN/ood.json); request only `logits` when that is not needed.",
         "",
         "Triton's classification extension (`class_count` in a request) ranks the raw logits: the same order",
         "as the probabilities, but without the temperature and the threshold above.",

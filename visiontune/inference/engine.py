@@ -26,6 +26,7 @@ from visiontune.data.dataset import ImageFiles, collate_image_files, default_wor
 from visiontune.devices import plan_cpu
 from visiontune.errors import UserError
 from visiontune.inference.onnx import OnnxModel, export_run
+from visiontune.models.penultimate import logits_and_features
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class PredictedBatch:
     paths: list[str]
     logits: np.ndarray  # (len(paths), n_classes), float32
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    features: np.ndarray | None = None  # (len(paths), dim) penultimate features, when asked for
 
 
 BACKENDS = ("torch", "onnx")
@@ -130,8 +132,10 @@ def iter_logits(
     tta: bool = False,
     device: str | torch.device = "cpu",
     plan: InferencePlan | None = None,
+    features: bool = False,
 ) -> Iterator[PredictedBatch]:
-    """Logits for `paths` in order, batch by batch; `tta` averages with the horizontal flip.
+    """Logits for `paths` in order, batch by batch; `tta` averages with the horizontal flip;
+    `features` adds the penultimate features (for out-of-distribution scores).
 
     `model` is an nn.Module or a callable from tensors to logits (`OnnxModel`); without `plan`,
     one is chosen for `device` (batch size and workers as given).
@@ -145,8 +149,15 @@ def iter_logits(
         collate_fn=collate_image_files, pin_memory=plan.device == "cuda",
     )
     for images, indices, bad in loader:
-        logits = np.zeros((0, 0), dtype=np.float32) if images is None else forward(model, images, plan, tta)
-        yield PredictedBatch([paths[i] for i in indices], logits, [(paths[i], r) for i, r in bad])
+        kept, skipped = [paths[i] for i in indices], [(paths[i], r) for i, r in bad]
+        if images is None:
+            empty = np.zeros((0, 0), dtype=np.float32)
+            yield PredictedBatch(kept, empty, skipped, empty if features else None)
+        elif features:
+            logits, pooled = forward(model, images, plan, tta, features=True)
+            yield PredictedBatch(kept, logits, skipped, pooled)
+        else:
+            yield PredictedBatch(kept, forward(model, images, plan, tta), skipped)
 
 
 def prepare_model(model, plan: InferencePlan):
@@ -161,17 +172,30 @@ def prepare_model(model, plan: InferencePlan):
 
 
 @torch.inference_mode()
-def forward(model, images: torch.Tensor, plan: InferencePlan, tta: bool = False) -> np.ndarray:
-    """Logits [B, n_classes] of a preprocessed batch, run as the plan says (a `prepare_model` model)."""
+def forward(model, images: torch.Tensor, plan: InferencePlan, tta: bool = False, features: bool = False):
+    """Logits [B, n_classes] of a preprocessed batch, run as the plan says (a `prepare_model` model);
+    with `features`, (logits, penultimate features [B, dim])."""
     device = torch.device(plan.device)
     images = images.to(device, non_blocking=True)
     if plan.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     autocast = plan.precision == "bf16" and plan.backend == "torch"
+    run = _with_features if features else _logits_only
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(images)
+        out = run(model, images)
         if tta:
-            out = (out + model(images.flip(-1))) / 2
-    return out.float().cpu().numpy()
+            out = tuple((a + b) / 2 for a, b in zip(out, run(model, images.flip(-1))))
+    arrays = tuple(t.float().cpu().numpy() for t in out)
+    return arrays if features else arrays[0]
+
+
+def _logits_only(model, images: torch.Tensor) -> tuple[torch.Tensor]:
+    return (model(images),)
+
+
+def _with_features(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(model, torch.nn.Module):
+        return logits_and_features(model, images)
+    return model.logits_and_features(images)
 
 

@@ -25,9 +25,11 @@ from torch import nn
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.errors import UserError
 from visiontune.io import atomic_write, write_text_atomic
+from visiontune.models.penultimate import LogitsAndFeatures
 
 QUANTIZE = (None, "int8")
-INPUT, OUTPUT = "images", "logits"
+INPUT, OUTPUT, FEATURES = "images", "logits", "features"
+RUN_OUTPUTS = [OUTPUT, FEATURES]  # a run's graph: the logits and the features they come from (for OOD scores)
 
 
 def require_onnxruntime() -> None:
@@ -88,7 +90,8 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: Iterator
 
 
 class OnnxModel:
-    """Callable like an eval-mode module: a float NCHW CPU tensor in, logits out.
+    """Callable like an eval-mode module: a float NCHW CPU tensor in, logits out (and, from a run's
+    graph, the penultimate features too: `logits_and_features`).
 
     `spin=False` lets idle intra-op threads sleep instead of busy-waiting for the next batch: for
     a server, which waits between requests and decodes on the same cores (same latency and 5%
@@ -107,27 +110,38 @@ class OnnxModel:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: array})[0])
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: _array(images)})[0])
+
+    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = self.session.run(RUN_OUTPUTS, {INPUT: _array(images)})
+        return torch.from_numpy(logits), torch.from_numpy(features)
+
+
+def _array(images: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(images.detach().float().cpu().numpy())
 
 
 def export_run(run, quantize: str | None = None, calibration_images: int = 256, seed: int = 0) -> Path:
-    """RUN/export/model.onnx (or model.int8.onnx), exported only when the checkpoint changed."""
+    """RUN/export/model.onnx (or model.int8.onnx), exported only when the checkpoint changed.
+
+    The graph has two outputs, `logits` and `features` (RUN_OUTPUTS).
+    """
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize must be int8 (or not given), not {quantize!r}")
     checkpoint = run.checkpoint_path("best")
     key = checkpoint_key(checkpoint)
     out = run.dir / "export" / ("model.int8.onnx" if quantize else "model.onnx")
-    if is_current(out, key):
+    if is_current(out, key, outputs=RUN_OUTPUTS):
         return out
     size = run.preprocessing.input_size
     if quantize is None:
-        export_model(run.load_model("best"), out, size)
+        export_model(LogitsAndFeatures(run.load_model("best")), out, size, RUN_OUTPUTS)
     else:
         fp32 = export_run(run, None)
         paths = _calibration_paths(run, calibration_images, seed)
         quantize_int8(fp32, out, calibration_batches(paths, run.preprocessing.eval_transform(), run.config.max_pixels))
-    write_key(out, key, quantize=quantize, calibration_images=calibration_images if quantize else 0)
+    write_key(out, key, outputs=RUN_OUTPUTS, quantize=quantize,
+              calibration_images=calibration_images if quantize else 0)
     return out
 
 
@@ -166,11 +180,14 @@ def checkpoint_key(path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
 
 
-def is_current(out: Path, key: dict) -> bool:
-    """`out` exists and was exported from the checkpoint with `key` (see `write_key`)."""
+def is_current(out: Path, key: dict, **details) -> bool:
+    """`out` exists and was exported from the checkpoint with `key` (see `write_key`), with the
+    given `details` (an export made before a detail existed is made again)."""
     key_file = out.with_name(out.name + ".json")
     try:
-        return out.is_file() and json.loads(key_file.read_text()).get("checkpoint") == key
+        written = json.loads(key_file.read_text())
+        return out.is_file() and written.get("checkpoint") == key and all(
+            written.get(name) == value for name, value in details.items())
     except (OSError, ValueError):  # no key file, or a damaged one: export again
         return False
 

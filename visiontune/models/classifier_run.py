@@ -89,12 +89,16 @@ class ClassifierRun:
     def split_paths(self, split: str) -> list[Path]:
         """The images RUN/splits.csv puts in `split`, in its order (relative paths resolved against
         the run directory); none without the file."""
+        return [path for path, _ in self.split_samples(split)]
+
+    def split_samples(self, split: str) -> list[tuple[Path, str]]:
+        """(image, label) of each row of RUN/splits.csv in `split`, as `split_paths` lists them."""
         path = self.dir / SPLITS_FILE
         if not path.is_file():
             return []
         with path.open(newline="") as handle:
-            rows = [row["path"] for row in csv.DictReader(handle) if row.get("split") == split]
-        return [Path(row) if Path(row).is_absolute() else self.dir / row for row in rows]
+            rows = [(row["path"], row.get("label", "")) for row in csv.DictReader(handle) if row.get("split") == split]
+        return [(Path(p) if Path(p).is_absolute() else self.dir / p, label) for p, label in rows]
 
     def checkpoint_path(self, which: str = "best") -> Path:
         if which not in CHECKPOINTS:

@@ -1,4 +1,5 @@
-"""The end of a run: the best model evaluated on every split, summary.json, the plot, the report.
+"""The end of a run: the best model evaluated on every split, summary.json, the plot, the OOD
+scorers, the report.
 
 The run's numbers are those of the best-on-validation checkpoint (the linear probe when no
 fine-tuned epoch beat it), read back from its file. The resume state is marked finished only once
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from visiontune.io import write_text_atomic
+from visiontune.ood.fit import fit_ood
 from visiontune.run import Run
 from visiontune.runformat import STATE_FILE, SUMMARY_FILE
 from visiontune.training.checkpoint import load_state, save_model, save_state
@@ -78,9 +80,19 @@ def finalize(setup: TrainingSetup, run_dir: Path, outcome: TrainingOutcome, star
     save_state(run_dir / STATE_FILE, {**final, "finished": True})
     setup.console.print(_summary_line(summary, run_dir))
     run = Run(run_dir)
+    _fit_ood(run, setup, best)
     if cfg.report:
         _write_report(run, setup, run_dir)
     return run
+
+
+def _fit_ood(run: Run, setup: TrainingSetup, best) -> None:
+    """The OOD scorers every prediction is flagged with; a failure is a warning, the run stands."""
+    try:
+        fit_ood(run, model=best, device=setup.cfg.device, workers=setup.workers)
+    except Exception as exc:  # the trained run is complete; a failed extra must not hide it
+        log.warning("the run finished, but fitting its OOD scores failed (%s: %s); retry with "
+                    "visiontune ood fit %s", type(exc).__name__, exc, run.dir)
 
 
 def _write_report(run: Run, setup: TrainingSetup, run_dir: Path) -> None:
