@@ -17,6 +17,7 @@ from visiontune.errors import UserError
 from visiontune.evaluation import metrics as m
 from visiontune.evaluation import plots
 from visiontune.evaluation.calibration import fit_temperature
+from visiontune.evaluation.stress import stress_test
 from visiontune.explain.explainer import explain
 from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
 from visiontune.io import write_csv_atomic, write_text_atomic
@@ -49,10 +50,12 @@ def evaluate_run(
     backend: str | None = None,
     precision: str | None = None,
     quantize: str | None = None,
+    stress: bool = False,
 ) -> dict:
     """Evaluate the best checkpoint of `run` on `split`, or on the folder `data` (out of domain).
 
-    Speed options left unset come from `plan_inference` for the device.
+    Speed options left unset come from `plan_inference` for the device. `stress` adds accuracy
+    under perturbations (evaluation/stress.py) to the result, stress.json and stress.png.
     """
     labels = run.labels
     name, samples, unknown = _select(run, split, data)
@@ -102,6 +105,9 @@ def evaluate_run(
         result["binary"] = _binary_block(run, labels, positive_index, y_true, probs, val, target_recall)
     if data is not None:
         result["in_domain"] = _in_domain_reference(run)
+    if stress:
+        result["stress"] = stress_test(run, samples, model, plan)
+        _save_json(out_dir / "stress.json", result["stress"])
     _write_outputs(run, out_dir, result, paths, y_true, probs, top_n)
     _explain_worst(run, result, out_dir / "explanations")
     return result
@@ -184,6 +190,9 @@ def _write_outputs(run: ClassifierRun, out_dir: Path, result: dict, paths: list[
     if result.get("binary", {}).get("roc_auc") is not None:
         figures["roc_pr"] = "roc_pr.png"
         plots.binary_curves_png(result["binary"], result["binary"]["positive"], out_dir / figures["roc_pr"])
+    if "stress" in result:
+        figures["stress"] = "stress.png"
+        plots.stress_png(result["stress"], out_dir / figures["stress"])
     result["top_losses"] = worst
     result["figures"] = figures
     _save_json(out_dir / "metrics.json", result)
