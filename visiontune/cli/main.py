@@ -174,13 +174,16 @@ def evaluate(
     backend: Backend = None,
     precision: Precision = None,
     quantize: Quantize = None,
+    stress: Annotated[bool, Opt("--stress", help="Also measure accuracy under named perturbations (grayscale, invert, edges, blur, noise, jpeg, patch shuffle, masks) with 95% CIs.")] = False,
 ) -> None:
     """Metrics, confusion matrix, top losses, calibration (and ROC/PR for binary) in RUN/eval/."""
     run = visiontune.load_run(run_dir)
     result = run.evaluate(split, data, target_recall=target_recall, positive=positive, temperature=temperature,
                           top_n=top_n, batch_size=batch_size, workers=workers, device=device,
-                          backend=backend, precision=precision, quantize=quantize)
+                          backend=backend, precision=precision, quantize=quantize, stress=stress)
     _print_metrics(result)
+    if stress:
+        _print_stress(result["stress"])
     stdout.print(f"written: {run.dir / 'eval' / result['name']} and {run.dir / 'report.html'}")
 
 
@@ -332,6 +335,16 @@ def _print_metrics(result: dict) -> None:
             f"threshold {threshold['threshold']:.4f} for '{threshold['positive']}' (chosen on val for recall >= "
             f"{threshold['target_recall']}): precision {threshold['here']['precision']:.3f}, recall {threshold['here']['recall']:.3f}"
         )
+
+
+def _print_stress(stress: dict) -> None:
+    table = Table(title="accuracy under perturbation")
+    for column in ("perturbation", "accuracy", "95% CI", "drop"):
+        table.add_column(column, justify="left" if column == "perturbation" else "right")
+    for row in stress["perturbations"]:
+        table.add_row(row["name"], f"{row['accuracy']:.3f}", f"{row['ci'][0]:.3f}-{row['ci'][1]:.3f}", f"{row['drop']:+.3f}")
+    stdout.print(table)
+    stdout.print(stress["reading"], markup=False)
 
 
 def main() -> None:

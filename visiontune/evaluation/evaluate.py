@@ -19,6 +19,7 @@ from visiontune.errors import UserError
 from visiontune.evaluation import metrics as m
 from visiontune.evaluation import plots
 from visiontune.evaluation.calibration import fit_temperature
+from visiontune.evaluation.stress import stress_test
 from visiontune.explain.explainer import explain
 from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
 from visiontune.io import write_csv_atomic, write_text_atomic
@@ -67,10 +68,12 @@ def evaluate_run(
     backend: str | None = None,
     precision: str | None = None,
     quantize: str | None = None,
+    stress: bool = False,
 ) -> dict:
     """Evaluate the best checkpoint of `run` on `split`, or on the folder `data` (out of domain).
 
-    Speed options left unset come from `plan_inference` for the device.
+    Speed options left unset come from `plan_inference` for the device. `stress` adds accuracy
+    under perturbations (evaluation/stress.py) to the result, stress.json and stress.png.
     """
     labels = run.labels
     name, samples, unknown = _select(run, split, data)
@@ -132,6 +135,9 @@ def evaluate_run(
         in_domain = result.get("in_domain")  # another folder: scored against the run's own held-out images
         reference = predict(_split_samples(run, in_domain["split"])) if in_domain else None
         result["ood"], ood_rows = _ood_block(ood, evaluated, reference)
+    if stress:
+        result["stress"] = stress_test(run, samples, model, plan)
+        _save_json(out_dir / "stress.json", result["stress"])
     _write_outputs(run, out_dir, result, paths, y_true, probs, top_n, ood_rows)
     _explain_worst(run, result, out_dir / "explanations")
     return result
@@ -229,6 +235,9 @@ def _write_outputs(run: ClassifierRun, out_dir: Path, result: dict, paths: list[
     if result.get("binary", {}).get("roc_auc") is not None:
         figures["roc_pr"] = "roc_pr.png"
         plots.binary_curves_png(result["binary"], result["binary"]["positive"], out_dir / figures["roc_pr"])
+    if "stress" in result:
+        figures["stress"] = "stress.png"
+        plots.stress_png(result["stress"], out_dir / figures["stress"])
     result["top_losses"] = worst
     result["figures"] = figures
     _save_json(out_dir / "metrics.json", result)

@@ -92,6 +92,24 @@ def prediction_grid_png(rows: list[dict], title: str, path: Path, max_pixels: in
     _save(fig, path)
 
 
+def stress_png(stress: dict, path: Path) -> None:
+    """Accuracy under each perturbation with its 95% CI, against the clean accuracy and chance."""
+    rows = stress["perturbations"]
+    accuracy = np.array([row["accuracy"] for row in rows])
+    errors = np.abs(np.array([row["ci"] for row in rows]).T - accuracy)
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), accuracy, xerr=errors, color="tab:blue", alpha=0.8, capsize=3)
+    ax.axvline(stress["clean_accuracy"], color="black", linestyle="--", label="clean accuracy")
+    ax.axvline(stress["chance"], color="grey", linestyle=":", label="chance (commonest class)")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([row["name"] for row in rows])
+    ax.invert_yaxis()
+    ax.set(xlabel="accuracy (95% CI)", xlim=(0, 1.02), title="accuracy under perturbation")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+
+
 def score_histogram_png(groups: dict[str, np.ndarray], threshold: float, caption: str, path: Path) -> None:
     """Histograms of scores per group (the first, the negatives, filled grey; the others in colour)
     on shared bins, with a vertical line at the decision `threshold`, so that one sees what it
