@@ -158,7 +158,7 @@ def test_predict_api_records_and_formats(binary_run, tmp_path):
     result = binary_run.predict(images, top_k=2, workers=0)
     assert [Path(r["path"]).name for r in result.rows] == [p.name for p in images]
     assert set(result.rows[0]) == {"path", "label", "probability", "top1_label", "top1_probability",
-                                   "top2_label", "top2_probability"}
+                                   "top2_label", "top2_probability", "ood_score", "ood"}
     out = binary_run.predict(images, out=tmp_path / "p.jsonl", workers=0)
     assert out.written == 3 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 3
     with pytest.raises(UserError, match=".csv or .jsonl"):

@@ -73,6 +73,8 @@ def test_evaluate_other_folder_reports_flag_rate_and_auroc_of_each_scorer(run, i
     with (run.dir / "eval" / result["name"] / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert np.mean([r["ood"] == "True" for r in rows]) == pytest.approx(block["flagged_rate"])
+    report = (run.dir / "report.html").read_text()
+    assert f'id="ood-{result["name"]}"' in report and f"{block['auroc']['knn']:.3f}" in report
     in_domain = run.evaluate("test", workers=0)["ood"]
     assert "auroc" not in in_domain and in_domain["images"] == len(run.split_paths("test"))
 

@@ -86,6 +86,9 @@ def test_predictions_over_http_equal_predict(server, models) -> None:
     assert [r["label"] for r in answer["results"]] == [row["label"] for row in expected]
     np.testing.assert_allclose([r["probability"] for r in answer["results"]],
                                [row["probability"] for row in expected], atol=1e-5)
+    np.testing.assert_allclose([r["ood_score"] for r in answer["results"]],
+                               [row["ood_score"] for row in expected], atol=1e-4)  # the run's OOD flag too
+    assert [r["ood"] for r in answer["results"]] == [row["ood"] for row in expected]
     assert len(answer["version"]) == 12 and answer["kind"] == "classifier"
 
 

@@ -38,6 +38,7 @@ from visiontune.inference.engine import (
 from visiontune.inference.onnx import checkpoint_key
 from visiontune.io import read_json
 from visiontune.models.classifier_run import ClassifierRun
+from visiontune.ood.fit import load_ood
 from visiontune.runformat import ANOMALY_WEIGHTS_FILE, META_FILE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -109,6 +110,7 @@ class ServedClassifier(ServedModel):
         # read once: what the server answers with does not change under it when evaluate rewrites them
         self._threshold = self.run.threshold if len(self.labels) == 2 else None
         self._loss, self._temperature = self.run.metadata["loss"], self.run.temperature
+        self._ood = load_ood(self.run)  # every answer carries `ood_score` and `ood` when fitted
         self._torch_model = None  # for Grad-CAM, loaded on the first overlay request
         self._cam_lock = threading.Lock()
 
@@ -120,13 +122,18 @@ class ServedClassifier(ServedModel):
         return self._transform(image)
 
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]:
-        raw, shown = raw_and_shown_probabilities(forward(self.model, batch, self.plan), self._loss, self._temperature)
+        if self._ood is None:
+            logits, flags = forward(self.model, batch, self.plan), [{}] * len(batch)
+        else:
+            logits, features = forward(self.model, batch, self.plan, features=True)
+            flags = self._ood.columns(self._ood.score(logits, features))
+        raw, shown = raw_and_shown_probabilities(logits, self._loss, self._temperature)
         k = max(1, min(top_k, len(self.labels)))
         results = []
-        for p, q in zip(shown, raw):
+        for p, q, flag in zip(shown, raw, flags):
             row = prediction_row(p, q, self.labels, k, self._threshold)
             top = [{"label": row[f"top{r}_label"], "probability": row[f"top{r}_probability"]} for r in range(1, k + 1)]
-            results.append(Prediction({"label": row["label"], "probability": row["probability"], "top_k": top}))
+            results.append(Prediction({"label": row["label"], "probability": row["probability"], "top_k": top, **flag}))
         return results
 
     def overlay_png(self, decoded: Decoded, prediction: Prediction) -> bytes:
@@ -145,6 +152,9 @@ class ServedClassifier(ServedModel):
             "name": self.name, "kind": self.kind, "version": self.version, "backbone": self.run.metadata["model"],
             "classes": self.labels, "preprocessing": self.run.preprocessing.to_dict(),
             "threshold": self._threshold, "temperature": self._temperature,
+            "ood": None if self._ood is None else {
+                "primary": self._ood.record_["primary"], "threshold": self._ood.thresholds_[self._ood.record_["primary"]],
+                "keep": self._ood.keep},
             "metrics": {split: summary.get(split) for split in ("val", "test")},
             "kept": summary.get("kept"), "inference": self.plan.describe(),
         }
