@@ -103,7 +103,7 @@ def test_triton_repository_has_the_expected_config_labels_and_readme(tiny_run, m
     fields = dict(re.findall(r"^(name|platform|max_batch_size): \"?([^\"\n]*)\"?$", config, re.MULTILINE))
     assert fields == {"name": "colours-v1", "platform": "onnxruntime_onnx", "max_batch_size": "32"}
     tensors = re.findall(r'name: "(\w+)"\s+data_type: (\w+)\s+dims: \[ ([\d, ]+) \]', config)
-    assert tensors == [("images", "TYPE_FP32", "3, 32, 32"), ("logits", "TYPE_FP32", "2")]
+    assert tensors == [("images", "TYPE_FP32", "3, 32, 32"), ("logits", "TYPE_FP32", "2"), ("features", "TYPE_FP32", "96")]
     assert 'label_filename: "labels.txt"' in config and "kind: KIND_CPU" in config
     assert re.search(r"dynamic_batching \{\s+preferred_batch_size: \[ 8, 16 \]\s+max_queue_delay_microseconds: 1000",
                      config)
