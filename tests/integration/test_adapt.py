@@ -57,6 +57,8 @@ def test_adabn_changes_only_batchnorm_statistics_and_the_new_run_evaluates(domai
     assert changed and all(key.endswith(("running_mean", "running_var", "num_batches_tracked")) for key in changed)
     result = visiontune.load_run(out).evaluate(split="val", workers=0)
     assert result["accuracy"] == pytest.approx(1.0)
+    predicted = visiontune.load_run(out).predict(target / "val", workers=0)
+    assert len(predicted.rows) == 18
     lineage = json.loads((out / "model.json").read_text())["lineage"]
     assert lineage["adapted_from"] == str(run.resolve()) and lineage["method"] == "adabn"
     assert lineage["target_images"] == 66 and lineage["target_test_images_left_out"] == 24
@@ -79,7 +81,7 @@ def test_mcc_improves_target_accuracy_over_the_source_model(domains, tmp_path):
 
 
 def test_finetune_on_a_few_labelled_target_images(domains, tmp_path):
-    run, target = domains
+    _, target = domains
     out = run_adapt(domains, tmp_path / "finetune", "finetune", target_labels=target, shots=2, epochs=3, lr=1e-3)
     lineage = json.loads((out / "model.json").read_text())["lineage"]
     assert lineage["labelled_target_images"] == 6
