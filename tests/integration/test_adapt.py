@@ -145,7 +145,7 @@ def test_a_failure_while_writing_leaves_no_directory(domains, tmp_path, monkeypa
 
 
 def test_no_target_test_file_is_ever_opened(domains, tmp_path, monkeypatch):
-    run, target = domains
+    _, target = domains
     opened = []
     for module, name in ((visiontune.data.dataset, "load_rgb"), (visiontune.data.validate, "inspect_image")):
         real = getattr(module, name)
