@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import visiontune
+from visiontune.cli.adapt import adapt as adapt_command
 from visiontune.cli.anomaly import anomaly_app
 from visiontune.cli.bench import benchmark
 from visiontune.cli.compare import register as register_compare
@@ -49,6 +50,7 @@ register_compare(app)  # compare, lr-find
 app.command(name="tune")(tune_command)
 register_features(app)
 app.command(name="serve")(serve_command)
+app.command(name="adapt")(adapt_command)
 
 
 def _help(field: str) -> str:

@@ -163,7 +163,7 @@ def build_setup(cfg: TrainConfig, console: Console, run_dir: Path | None = None,
     one (`resuming`) reads its splits from there and starts from no pretrained weights (its state
     replaces them); with no `run_dir` (the lr range test) nothing is read or written there.
     """
-    fabric = _make_fabric(cfg.device)
+    fabric = make_fabric(cfg.device)
     workers = _plan_workers(cfg, fabric)
     if not resuming:  # a missing download stops the run before any data is read
         check_weights_available(cfg.model, cfg.pretrained, cfg.weights)
@@ -264,7 +264,8 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def _make_fabric(device: str) -> Fabric:
+def make_fabric(device: str) -> Fabric:
+    """Fabric for `device`: mixed precision on a GPU, fp32 on the CPU (training and `adapt` alike)."""
     if resolve_device(device).type == "cuda":
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         return Fabric(accelerator="cuda", devices=1, precision=precision)
