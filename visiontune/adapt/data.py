@@ -72,8 +72,7 @@ def read_target_labels(
     path: str | Path, labels: list[str], shots: int | None, max_pixels: int, seed: int,
 ) -> LabelledTarget:
     """Labelled target images (class folders, split folders or a CSV file), `shots` per class drawn
-    seeded from those outside val and test; the validation images are the val split, else the
-    images not drawn."""
+    seeded from those outside val and test; the validation images are the val split, if any."""
     found = discover(path, split=False).samples
     test = [s for s in found if s.split == "test"]
     usable = [s for s in found if s.split != "test"]
@@ -88,13 +87,8 @@ def read_target_labels(
     if not pool:
         raise UserError(f"{path} has no readable labelled images outside its val and test splits to train on")
     val_source = "the labelled target val split" if val else "none"
-    if shots is not None:
-        drawn = draw_shots(pool, shots, seed)
-        if not val:
-            chosen = set(drawn)
-            val = [s for s in pool if s not in chosen]
-            val_source = "the labelled target images not drawn as shots" if val else "none"
-        pool = drawn
+    if shots is not None:  # the images not drawn stay unused: k labels per class means k, selection included
+        pool = draw_shots(pool, shots, seed)
     return LabelledTarget(pool, val, val_source, skipped, len(test))
 
 
