@@ -101,6 +101,7 @@ def folder_with_unknown_class(tmp_path: Path) -> Path:
     ("out not empty", "already exists and is not empty"),
     ("no target labels", "pass --target-labels"),
     ("too many shots", "--shots 50 is more than"),
+    ("misspelt method", "not 'mmc'; did you mean mcc"),
 ])
 def test_bad_input_is_one_message_and_writes_nothing(domains, tmp_path, monkeypatch, case, expected):
     run, target = domains
@@ -124,6 +125,8 @@ def test_bad_input_is_one_message_and_writes_nothing(domains, tmp_path, monkeypa
         method = "mixed"
     elif case == "too many shots":
         method, options = "finetune", {"target_labels": target, "shots": 50}
+    elif case == "misspelt method":
+        method = "mmc"
     with pytest.raises(UserError, match=expected) as error:
         adapt(run, target, method, out, workers=0, device="cpu", progress=False, **options)
     if case == "too many shots":

@@ -10,6 +10,7 @@ beside --out and renamed into place at the end, so a failure leaves no half-writ
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
 import shutil
@@ -159,7 +160,9 @@ def adapt(
 def _check_request(method: str, out: Path, target_labels, shots: int | None, epochs: int, lr: float) -> None:
     """Every option mistake, before anything is read or written."""
     if method not in METHODS:
-        raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        close = difflib.get_close_matches(method, METHODS, n=1)
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}"
+                        + (f"; did you mean {close[0]}?" if close else ""))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; adapt never overwrites a run: choose a new directory")
     if method in LABELLED_METHODS and target_labels is None:
