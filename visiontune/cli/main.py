@@ -28,6 +28,7 @@ from visiontune.cli.export import export
 from visiontune.cli.features import register as register_features
 from visiontune.cli.ood import ood_app
 from visiontune.cli.serve import serve as serve_command
+from visiontune.cli.shift import shift
 from visiontune.cli.tune import tune as tune_command
 from visiontune.config import TrainConfig, build_config
 from visiontune.errors import UserError, require_some_read
@@ -51,6 +52,7 @@ app.command(name="tune")(tune_command)
 register_features(app)
 app.command(name="serve")(serve_command)
 app.command(name="adapt")(adapt_command)
+app.command()(shift)
 
 
 def _help(field: str) -> str:

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from visiontune.data.images import ImageLoadError, load_rgb  # noqa: E402
 from visiontune.io import atomic_write
@@ -20,6 +21,8 @@ from visiontune.io import atomic_write
 THUMBNAIL = 160
 SCORE_BINS = 30
 TAB10_GREY = 7  # kept for the negatives
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")  # one per class, cycled beyond ten
+LEGEND_CLASSES = 20  # classes named in an embedding's legend
 # Fonts with CJK glyphs, tried glyph by glyph after DejaVu Sans when installed, so that class names
 # in any script are drawn; where none is installed, missing glyphs are boxes, without a warning.
 FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR",
@@ -107,6 +110,27 @@ def stress_png(stress: dict, path: Path) -> None:
     ax.set(xlabel="accuracy (95% CI)", xlim=(0, 1.02), title="accuracy under perturbation")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+
+
+def embedding_png(points: np.ndarray, groups: np.ndarray, classes: np.ndarray, labels: list[str], title: str,
+                  path: Path) -> None:
+    """A 2-D embedding coloured by group (source, target) and marked by class (index into
+    `labels`): whether the groups mix or separate, and which classes part ways."""
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    colours = plt.get_cmap("tab10").colors
+    names = list(dict.fromkeys(groups.tolist()))
+    for g, name in enumerate(names):
+        for c in range(len(labels)):
+            mask = (groups == name) & (classes == c)
+            ax.scatter(points[mask, 0], points[mask, 1], s=22, color=colours[g % len(colours)],
+                       marker=MARKERS[c % len(MARKERS)], alpha=0.7, linewidths=0)
+    handles = [Line2D([], [], linestyle="", marker="o", color=colours[g % len(colours)], label=f"{name} "
+                      f"({int((groups == name).sum())})") for g, name in enumerate(names)]
+    handles += [Line2D([], [], linestyle="", marker=MARKERS[c % len(MARKERS)], color="black", label=label)
+                for c, label in enumerate(labels[:LEGEND_CLASSES])]
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.set(title=title, xticks=[], yticks=[])
     _save(fig, path)
 
 
