@@ -79,6 +79,13 @@ def test_evaluate_other_folder_reports_flag_rate_and_auroc_of_each_scorer(run, i
     assert "auroc" not in in_domain and in_domain["images"] == len(run.split_paths("test"))
 
 
+def test_evaluate_cli_prints_the_flag_rate_and_auroc(run, inverted):
+    result = CliRunner().invoke(app, ["evaluate", str(run.dir), "--data", str(inverted), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "images flagged (knn score above" in result.output
+    assert "OOD AUROC vs in-domain" in result.output and "energy" in result.output
+
+
 def test_ood_fit_cli_refits_with_another_k(run):
     result = CliRunner().invoke(app, ["ood", "fit", str(run.dir), "--k", "2", "--workers", "0"])
     assert result.exit_code == 0, result.output

@@ -339,6 +339,14 @@ def _print_metrics(result: dict) -> None:
             f"threshold {threshold['threshold']:.4f} for '{threshold['positive']}' (chosen on val for recall >= "
             f"{threshold['target_recall']}): precision {threshold['here']['precision']:.3f}, recall {threshold['here']['recall']:.3f}"
         )
+    ood = result.get("ood")
+    if ood:
+        stdout.print(f"out of distribution: {ood['flagged']} of {ood['images']} images flagged ({ood['primary']} score "
+                     f"above {ood['threshold']:.4g}, which keeps {ood['keep']:.0%} of validation)", markup=False)
+        if "auroc" in ood:
+            scores = ", ".join(f"{name} {value:.3f}" for name, value in ood["auroc"].items())
+            stdout.print(f"OOD AUROC vs in-domain {result['in_domain']['split']}: {scores} (in-domain flagged "
+                         f"{ood['reference_flagged_rate']:.1%})", markup=False)
 
 
 def _print_stress(stress: dict) -> None:
