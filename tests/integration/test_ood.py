@@ -9,34 +9,13 @@ import logging
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
-import visiontune
-from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.cli.main import app
 from visiontune.errors import UserError
 from visiontune.inference.engine import plan_inference
 from visiontune.ood.detector import OOD_FILE, OODDetector
 from visiontune.ood.fit import extract, fit_ood, load_ood
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ood")
-    data = write_class_folders(root / "data", {"blue": 20, "red": 20})
-    return visiontune.fit(data, out=str(root / "run"), **{**TINY_OPTIONS, "epochs": 3, "lr": 1e-2})
-
-
-@pytest.fixture(scope="module")
-def inverted(run, tmp_path_factory):
-    """The run's test images, colour-inverted: the same classes, another domain."""
-    root = tmp_path_factory.mktemp("inverted")
-    for path, label in run.split_samples("test"):
-        (root / label).mkdir(exist_ok=True)
-        with Image.open(path) as image:
-            ImageOps.invert(image.convert("RGB")).save(root / label / path.name)
-    return root
 
 
 def test_train_fits_the_scorers_and_the_threshold_keeps_95_percent_of_val(run):
