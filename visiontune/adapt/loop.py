@@ -155,28 +155,32 @@ def endless(loader: DataLoader) -> Iterator[torch.Tensor]:
             raise UserError("none of the target images could be read any more (moved or deleted during adaptation?)")
 
 
-def choose_epoch(records: list[dict], tolerance: float = SOURCE_VAL_TOLERANCE) -> tuple[int, str]:
+def choose_epoch(records: list[dict], trained_on_target_labels: bool,
+                 tolerance: float = SOURCE_VAL_TOLERANCE) -> tuple[int, str]:
     """The index of the record to keep and the criterion that chose it.
 
-    With labelled target validation images: the best target val accuracy (ties: lower target
-    entropy). Without (no target labels used): among epochs within `tolerance` of the best source
-    val accuracy, the lowest mean prediction entropy on held-out target images.
+    With labelled target validation images: the best target val accuracy over every epoch, the
+    source model's included (ties: lower target entropy). Otherwise only trained epochs compete
+    (the source model is typically confident on the new domain, and entropy alone would keep it):
+    finetune / mixed keep the last epoch of their fixed schedule, as no label they did not train
+    on is left to choose with; mcc, which uses no target label, keeps among epochs within
+    `tolerance` of the best source val accuracy the one with the lowest mean prediction entropy on
+    held-out target images.
     """
     entropy = lambda i: records[i]["target_entropy"] if records[i]["target_entropy"] is not None else math.inf
-    indices = range(len(records))
     if all(r["target_val_accuracy"] is not None for r in records):
-        best = max(indices, key=lambda i: (records[i]["target_val_accuracy"], -entropy(i)))
+        best = max(range(len(records)), key=lambda i: (records[i]["target_val_accuracy"], -entropy(i)))
         return best, "target_val_accuracy (labelled target validation images), ties to lower target entropy"
-    scored = [i for i in indices if records[i]["source_val_accuracy"] is not None]
-    if scored:
-        top = max(records[i]["source_val_accuracy"] for i in scored)
-        candidates = [i for i in scored if records[i]["source_val_accuracy"] >= top - tolerance]
-        criterion = (f"lowest target_entropy on held-out unlabelled target images among epochs within {tolerance} "
-                     "of the best source_val_accuracy")
-    else:
-        candidates = list(indices)
-        criterion = "lowest target_entropy on held-out unlabelled target images (no source val images)"
-    return min(candidates, key=entropy), criterion
+    if trained_on_target_labels:
+        return len(records) - 1, "the last epoch (no labelled target validation images to choose with)"
+    trained = range(1, len(records))
+    scored = [i for i in trained if records[i]["source_val_accuracy"] is not None]
+    if not scored:
+        return min(trained, key=entropy), "lowest target_entropy on held-out unlabelled target images (no source val images)"
+    top = max(records[i]["source_val_accuracy"] for i in scored)
+    candidates = [i for i in scored if records[i]["source_val_accuracy"] >= top - tolerance]
+    return min(candidates, key=entropy), (f"lowest target_entropy on held-out unlabelled target images among trained "
+                                          f"epochs within {tolerance} of their best source_val_accuracy")
 
 
 def _line(record: dict, epochs: int) -> str:

@@ -72,8 +72,7 @@ NOT_COPIED = {
     THRESHOLD_FILE: "fitted on the source model's validation probabilities; refit with evaluate --target-recall",
     CALIBRATION_FILE: "fitted on the source model's validation logits; refit with evaluate --temperature",
 }
-UNLABELLED_NOTE = ("no target labels were used: the kept epoch was chosen on source validation accuracy and the "
-                   "prediction entropy of held-out unlabelled target images")
+UNLABELLED_NOTE = "no target labels were used, for training or for choosing: "
 
 
 def adapt(
@@ -137,7 +136,7 @@ def adapt(
             epoch_file = lambda epoch: checkpoints / f"epoch-{epoch}.safetensors"
             records = run_epochs(fabric, network, optimizer, plan, loss, scorer, epochs, lr,
                                  lambda epoch: save_model(epoch_file(epoch), model, metadata), console)
-            kept, criterion = choose_epoch(records)
+            kept, criterion = choose_epoch(records, trained_on_target_labels=labelled is not None)
             os.replace(epoch_file(kept), checkpoints / "best.safetensors")
             for epoch in range(epochs + 1):
                 epoch_file(epoch).unlink(missing_ok=True)
@@ -294,8 +293,7 @@ def _summary(method: str, source: ClassifierRun, source_summary: dict, splits: d
             "kept_epoch": records[kept]["epoch"],
             "epochs": records,
             "target_labels_used": labelled is not None,
-            "note": UNLABELLED_NOTE if labelled is None else
-                    f"labelled target images trained; the epoch was chosen on {labelled.val_source}",
+            "note": (UNLABELLED_NOTE if labelled is None else "labelled target images were trained on; ") + criterion,
             "target": {"adapted_on": len(images.adapt) if method != "adabn" else len(images.all),
                        "held_out": len(images.held_out) if method != "adabn" else 0,
                        "test_left_out_unopened": images.test_left_out,

@@ -38,11 +38,22 @@ def record(epoch, source, entropy, target=None):
 
 def test_without_target_labels_the_lowest_entropy_near_the_best_source_accuracy_is_kept():
     records = [record(0, 0.90, 0.9), record(1, 0.89, 0.5), record(2, 0.80, 0.1), record(3, 0.91, 0.6)]
-    index, criterion = choose_epoch(records)
+    index, criterion = choose_epoch(records, trained_on_target_labels=False)
     assert index == 1 and "target_entropy" in criterion and "0.02" in criterion
+
+
+def test_the_confident_source_model_does_not_win_on_entropy():
+    records = [record(0, 0.96, 0.14), record(1, 0.95, 0.19), record(2, 0.94, 0.18)]
+    assert choose_epoch(records, trained_on_target_labels=False)[0] == 2
+
+
+def test_trained_on_target_labels_without_target_validation_the_last_epoch_is_kept():
+    records = [record(0, 0.96, 0.1), record(1, 0.70, 0.3), record(2, 0.65, 0.2)]
+    index, criterion = choose_epoch(records, trained_on_target_labels=True)
+    assert index == 2 and "last epoch" in criterion
 
 
 def test_with_labelled_target_validation_its_accuracy_decides():
     records = [record(0, 0.9, 0.2, 0.5), record(1, 0.7, 0.9, 0.8), record(2, 0.6, 0.4, 0.8)]
-    index, criterion = choose_epoch(records)
+    index, criterion = choose_epoch(records, trained_on_target_labels=True)
     assert index == 2 and "target_val_accuracy" in criterion  # tie on accuracy: the lower entropy
