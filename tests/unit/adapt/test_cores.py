@@ -7,6 +7,7 @@ from torch import nn
 
 from visiontune.adapt.batchnorm import recompute_batch_norm_statistics
 from visiontune.adapt.loop import choose_epoch
+from visiontune.adapt.workflow import source_drop_warning
 from visiontune.adapt.mcc import MinimumClassConfusionLoss
 
 
@@ -57,3 +58,10 @@ def test_with_labelled_target_validation_its_accuracy_decides():
     records = [record(0, 0.9, 0.2, 0.5), record(1, 0.7, 0.9, 0.8), record(2, 0.6, 0.4, 0.8)]
     index, criterion = choose_epoch(records, trained_on_target_labels=True)
     assert index == 2 and "target_val_accuracy" in criterion  # tie on accuracy: the lower entropy
+
+
+def test_a_large_source_drop_without_target_validation_is_warned_about():
+    records = [record(0, 0.96, 0.16), record(1, 0.65, 0.33)]
+    assert "lost 0.31 of source validation accuracy" in source_drop_warning(records, 1)
+    assert source_drop_warning([record(0, 0.96, 0.1), record(1, 0.90, 0.2)], 1) is None  # within 0.1
+    assert source_drop_warning([record(0, 0.96, 0.1, 0.5), record(1, 0.6, 0.2, 0.9)], 1) is None  # target val decides
