@@ -11,7 +11,7 @@ AdaBN, MCC, finetune k=5 and k=10, oracle; OOD AUROC (energy, KNN) of target tes
 stress-test accuracies of the source-only model on source val. Targets: AdaBN or MCC recovers at
 least half of the source-only -> oracle gap; OOD AUROC >= 0.95; adapt runs in minutes on 2 cores.
 
-    python benchmarks/domain_shift.py [--shared ../shared] [--out runs/domain-shift] [--source RUN]
+    python benchmarks/domain_shift.py [--shared ../shared] [--out runs/domain-shift] [--source RUN] [--no-probe]
 """
 
 from __future__ import annotations
@@ -80,13 +80,16 @@ def main() -> None:
     parser.add_argument("--out", default="runs/domain-shift")
     parser.add_argument("--source", help="an existing source run to reuse instead of training one")
     parser.add_argument("--epochs", type=int, default=6, help="source training epochs")
+    parser.add_argument("--no-probe", action="store_true",
+                        help="train the source without the linear-probe stage, so that the kept model is fine-tuned "
+                             "end to end (its BatchNorm statistics are the source's: AdaBN's premise)")
     parser.add_argument("--adapt-epochs", type=int, default=None, help="MCC / finetune epochs [adapt's default]")
     args = parser.parse_args()
     shared, out = Path(args.shared), Path(args.out)
     data, weights = shared / "data/hymenoptera", shared / "weights/tf_efficientnet_lite0.in1k.safetensors"
     if not data.is_dir() or not weights.is_file():
         raise SystemExit(f"needs {data} and {weights}")
-    target = out / "target"
+    target = out / "target"  # built once; a second --out builds the same images (seeded per file)
     if not (target / "test").is_dir():
         shutil.rmtree(target, ignore_errors=True)
         build_target(data / "train", target / "train")
@@ -97,7 +100,8 @@ def main() -> None:
     if not args.source:
         shutil.rmtree(source, ignore_errors=True)
         t0 = time.perf_counter()
-        visiontune.fit(data, out=str(source), model="tf_efficientnet_lite0", weights=str(weights), epochs=args.epochs)
+        visiontune.fit(data, out=str(source), model="tf_efficientnet_lite0", weights=str(weights), epochs=args.epochs,
+                       probe=not args.no_probe)
         seconds["train source"] = time.perf_counter() - t0
     run = visiontune.load_run(source)
     stress = run.evaluate("val", stress=True)["stress"]

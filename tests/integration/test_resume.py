@@ -15,7 +15,9 @@ import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.errors import UserError
 
-OPTIONS = {**TINY_OPTIONS, "epochs": 4, "freeze_epochs": 2, "augment": "light", "lr": 3e-3}
+# threads pinned: the default follows the cores free at the moment, and a different reduction order
+# changes the last digits of the loss compared exactly below
+OPTIONS = {**TINY_OPTIONS, "epochs": 4, "freeze_epochs": 2, "augment": "light", "lr": 3e-3, "threads": 1}
 
 
 class Interrupted(Exception):
