@@ -35,6 +35,10 @@ HONESTY_NOTE = (
 )
 EXPLAINED_IMAGES = 4
 NO_OOD_NOTE = "No OOD scores: the run has no fitted OOD scorers (fit them with `visiontune ood fit RUN`)."
+SELECTION_NOTE = (
+    "Optimistic: the {split} split took part in choices (it is what the model was {what} on), so "
+    "these numbers overstate performance on new images. Evaluate the test split or --data for that."
+)
 
 
 @dataclass
@@ -46,12 +50,6 @@ class Predicted:
     y_true: np.ndarray
     skipped: list[tuple[str, str]]
     features: np.ndarray | None  # penultimate features, when the run has OOD scorers
-
-
-SELECTION_NOTE = (
-    "Optimistic: the {split} split took part in choices (it is what the model was {what} on), so "
-    "these numbers overstate performance on new images. Evaluate the test split or --data for that."
-)
 
 
 def evaluate_run(
