@@ -66,7 +66,7 @@ def fit_ood(run: ClassifierRun, model: nn.Module | None = None, k: int | None = 
     if not fitted.paths:
         raise UserError(f"none of {run.dir}'s training images could be read to fit OOD scores")
     index, label_of = {label: i for i, label in enumerate(run.labels)}, {str(p): label for p, label in train}
-    labels = np.array([index.get(label_of[p], -1) for p in fitted.paths])
+    labels = np.array([index[label_of[p]] for p in fitted.paths])
     detector = OODDetector(k, keep).fit(fitted.features, labels, held.logits, held.features)
     val_flagged = detector.flag(detector.score(held.logits, held.features))
     record = {

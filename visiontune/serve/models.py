@@ -38,6 +38,7 @@ from visiontune.inference.engine import (
 from visiontune.inference.onnx import checkpoint_key
 from visiontune.io import read_json
 from visiontune.models.classifier_run import ClassifierRun
+from visiontune.ood.detector import PRIMARY
 from visiontune.ood.fit import load_ood
 from visiontune.runformat import ANOMALY_WEIGHTS_FILE, META_FILE
 
@@ -153,8 +154,7 @@ class ServedClassifier(ServedModel):
             "classes": self.labels, "preprocessing": self.run.preprocessing.to_dict(),
             "threshold": self._threshold, "temperature": self._temperature,
             "ood": None if self._ood is None else {
-                "primary": self._ood.record_["primary"], "threshold": self._ood.thresholds_[self._ood.record_["primary"]],
-                "keep": self._ood.keep},
+                "primary": PRIMARY, "threshold": self._ood.thresholds_[PRIMARY], "keep": self._ood.keep},
             "metrics": {split: summary.get(split) for split in ("val", "test")},
             "kept": summary.get("kept"), "inference": self.plan.describe(),
         }
