@@ -33,11 +33,16 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = f"{CHECKPOINT_DIR}/state.pt"
 # Anomaly model:
 ANOMALY_WEIGHTS_FILE = "model.safetensors"
+# Caption run (besides model.json, config.yaml, metrics.csv, summary.json, report.html, checkpoints/):
+TOKENIZER_FILE = "tokenizer.json"
+CAPTIONS_FILE = "captions.csv"  # image,caption,split: the split used, itself a valid source
+ENCODER_FILE = f"{CHECKPOINT_DIR}/encoder.safetensors"
 
-Kind = Literal["classifier", "anomaly"]
+Kind = Literal["classifier", "anomaly", "caption"]
 OPENED_WITH: dict[str, str] = {  # how a user opens each kind, for the wrong-entry-point message
     "classifier": "visiontune.load_run(DIR) in Python, or `visiontune evaluate / predict / explain DIR`",
     "anomaly": "visiontune.anomaly.load(DIR) in Python, or `visiontune anomaly predict / evaluate DIR`",
+    "caption": "visiontune.caption.load(DIR) in Python, or `visiontune caption predict / evaluate DIR`",
 }
 LEGACY_ANOMALY_FORMAT = "visiontune-anomaly/1"  # the anomaly model.json marker before `kind`
 
@@ -70,7 +75,8 @@ def read_meta(directory: str | Path, expected: Kind) -> dict:
     directory = Path(directory).expanduser()
     path = directory / META_FILE
     if not path.is_file():
-        what = "a visiontune run directory" if expected == "classifier" else "an anomaly model directory"
+        what = {"classifier": "a visiontune run directory", "anomaly": "an anomaly model directory",
+                "caption": "a caption run directory"}[expected]
         raise UserError(f"{directory} is not {what} (no {META_FILE})")
     raw = read_json(path)
     try:
@@ -81,7 +87,7 @@ def read_meta(directory: str | Path, expected: Kind) -> dict:
     if meta.kind != expected:
         raise WrongArtifactError(
             f"{directory} is {_article(meta.kind)} {meta.kind} model, not {_article(expected)} {expected} "
-            f"{'run' if expected == 'classifier' else 'model'}; open it with {OPENED_WITH[meta.kind]}"
+            f"{'model' if expected == 'anomaly' else 'run'}; open it with {OPENED_WITH[meta.kind]}"
         )
     if meta.format_version > FORMAT_VERSION:
         raise UserError(

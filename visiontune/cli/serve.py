@@ -17,7 +17,7 @@ SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
 
 
 def serve(
-    models: Annotated[list[str], typer.Argument(help="Run or anomaly model directories; NAME=DIR names one.")],
+    models: Annotated[list[str], typer.Argument(help="Run, anomaly model or caption run directories; NAME=DIR names one.")],
     host: Annotated[str, Opt(help="Address to bind; other than loopback needs --api-key or --insecure.")] = "127.0.0.1",
     port: Annotated[int, Opt(help="TCP port.")] = 8000,
     workers: Annotated[int, Opt(help="Server processes, each with its own copy of the models.")] = 1,

@@ -1,9 +1,11 @@
-"""The models a server holds: a classifier run or an anomaly model behind one small interface.
+"""The models a server holds: a classifier run, an anomaly model or a caption run behind one small
+interface.
 
 Each turns uploaded bytes into a tensor (`decode`, safe in any thread), a batch of tensors into
 one JSON-ready result per image (`predict`: the same inference plan and decision rules as
 `visiontune predict`), and, on request, an overlay PNG: Grad-CAM for a classifier, the heat map
-for an anomaly model. `load_served` tells the two apart by the directory's model.json.
+for an anomaly model, the decoder's attention over the image (averaged over the generated words)
+for a captioner. `load_served` tells them apart by the directory's model.json.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from PIL import Image
 from visiontune.anomaly.components.anomaly_map import heatmap_overlay
 from visiontune.anomaly.data import GOOD, anomaly_transform
 from visiontune.anomaly.workflow import load as load_anomaly_model
+from visiontune.caption.encoder import to_memory
+from visiontune.caption.run import CaptionRun, generate
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import load_rgb_bytes
 from visiontune.devices import resolve_device
@@ -40,7 +44,7 @@ from visiontune.io import read_json
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.ood.detector import PRIMARY
 from visiontune.ood.fit import load_ood
-from visiontune.runformat import ANOMALY_WEIGHTS_FILE, META_FILE
+from visiontune.runformat import ANOMALY_WEIGHTS_FILE, CHECKPOINT_DIR, META_FILE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -56,7 +60,7 @@ class Decoded:
 @dataclass
 class Prediction:
     body: dict  # JSON-ready fields
-    anomaly_map: np.ndarray | None = None  # anomaly models: for the heat map
+    anomaly_map: np.ndarray | None = None  # what the overlay draws: the anomaly map, or a captioner's attention
 
 
 class ServedModel(ABC):
@@ -73,8 +77,8 @@ class ServedModel(ABC):
         image = load_rgb_bytes(data, self.max_pixels)
         return Decoded(self.transform(image), image if keep_image else None)
 
-    @abstractmethod
-    def transform(self, image: Image.Image) -> torch.Tensor: ...
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        return self._transform(image)  # each kind sets its evaluation transform as `_transform`
 
     @abstractmethod
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]: ...
@@ -118,9 +122,6 @@ class ServedClassifier(ServedModel):
     @property
     def input_size(self) -> int:
         return self.run.preprocessing.input_size
-
-    def transform(self, image: Image.Image) -> torch.Tensor:
-        return self._transform(image)
 
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]:
         if self._ood is None:
@@ -175,9 +176,6 @@ class ServedAnomalyModel(ServedModel):
     def input_size(self) -> int:
         return self.model.image_size
 
-    def transform(self, image: Image.Image) -> torch.Tensor:
-        return self._transform(image)
-
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]:
         scores, maps = self.model.score_images(batch)
         threshold = self.model.threshold_
@@ -201,6 +199,50 @@ class ServedAnomalyModel(ServedModel):
         }
 
 
+class ServedCaptioner(ServedModel):
+    kind = "caption"
+    beam = 3
+
+    def __init__(self, name: str, directory: Path, device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.run = CaptionRun(directory)
+        self.device = resolve_device(device)
+        self.encoder = self.run.encoder().to(self.device).folded()
+        self.decoder = self.run.decoder().to(self.device)
+        super().__init__(name, Path(directory), Path(directory) / CHECKPOINT_DIR / "best.safetensors", max_pixels)
+        self._transform = self.run.preprocessing.eval_transform()
+
+    @property
+    def input_size(self) -> int:
+        return self.run.preprocessing.input_size
+
+    def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]:
+        """Beam-searched captions; `anomaly_map` carries the mean attention grid for the overlay."""
+        run, vocab = self.run, self.run.vocab
+        with torch.inference_mode():
+            memory = to_memory(self.encoder(batch.to(self.device)), run.spec)
+            generated = generate(self.decoder, vocab, memory, self.beam, run.metadata["decoder"]["max_length"],
+                                 self.device)
+        predictions = []
+        for tokens, attention, score in zip(generated.tokens, generated.attention, generated.scores):
+            grid = (attention.mean(dim=0) if len(attention) else torch.zeros(attention.shape[-1]))
+            predictions.append(Prediction({"caption": vocab.decode(tokens), "score": score,
+                                           "words": [vocab.tokenizer.id_to_token(t) for t in tokens]},
+                                          grid.reshape(run.spec.grid).numpy()))
+        return predictions
+
+    def overlay_png(self, decoded: Decoded, prediction: Prediction) -> bytes:
+        grid = prediction.anomaly_map
+        return _png(heatmap_overlay(decoded.image, grid, 0.0, float(grid.max()) or 1.0))
+
+    def card(self) -> dict:
+        meta = self.run.metadata
+        return {"name": self.name, "kind": self.kind, "version": self.version, "encoder": meta["encoder"],
+                "decoder": meta["decoder"], "preprocessing": meta["preprocessing"], "beam": self.beam}
+
+
 def load_served(directory: str | Path, name: str | None = None, **options) -> ServedModel:
     """The classifier run or anomaly model in `directory`, served as `name` (default: its folder name)."""
     directory = Path(directory).expanduser()
@@ -214,6 +256,8 @@ def load_served(directory: str | Path, name: str | None = None, **options) -> Se
     kind = read_json(meta_path).get("kind") or ("anomaly" if (directory / ANOMALY_WEIGHTS_FILE).is_file() else "classifier")
     if kind == "anomaly":  # the torch plan only: no ONNX export of a detector, batches as they come
         return ServedAnomalyModel(name, directory, device=options.get("device", "auto"), threads=options.get("threads"))
+    if kind == "caption":
+        return ServedCaptioner(name, directory, device=options.get("device", "auto"), threads=options.get("threads"))
     if kind == "classifier":
         return ServedClassifier(name, directory, **options)
     raise UserError(f"{directory} holds a {kind!r} artifact, which `serve` cannot serve yet")
