@@ -132,12 +132,16 @@ def load_scenes(folder: str | Path) -> dict[str, list[Shape]]:
 _PAIR = re.compile(r"^(?:there is )?a (\w+ \w+ \w+) (?:is )?(left of|right of|above|below) a (\w+ \w+ \w+)$")
 
 
-def relation_correct(caption: str, shapes: list[Shape]) -> bool:
+def relation_correct(caption: str, shapes: list[Shape], axis_only: bool = False) -> bool:
     """True when a two-shape caption names both shapes of the scene and the relation that holds
-    between them; anything else (a missing or wrong relation, a shape that is not there) is False."""
+    between them; anything else (a missing or wrong relation, a shape that is not there) is False.
+    `axis_only`: the relation only has to be on the right axis ("right of" for "left of" counts)."""
     match = _PAIR.match(" ".join(caption.lower().split()))
     if not match:
         return False
     by_words = {s.words: s for s in shapes}
     a, b = by_words.get(match.group(1)), by_words.get(match.group(3))
-    return a is not None and b is not None and a is not b and relation(a, b) == match.group(2)
+    if a is None or b is None or a is b:
+        return False
+    said, true = match.group(2), relation(a, b)
+    return said in (true, INVERSE[true]) if axis_only else said == true

@@ -27,6 +27,8 @@ def test_every_two_shape_caption_is_true_and_a_wrong_one_is_caught() -> None:
     for caption in captions_for([RED, BLUE], np.random.default_rng(0)):
         assert relation_correct(caption, [RED, BLUE]), caption
     assert not relation_correct("a small red circle right of a large blue square", [RED, BLUE])
+    assert relation_correct("a small red circle right of a large blue square", [RED, BLUE], axis_only=True)
+    assert not relation_correct("a small red circle above a large blue square", [RED, BLUE], axis_only=True)
     assert not relation_correct("a small green circle left of a large blue square", [RED, BLUE])  # no such shape
     assert not relation_correct("a small red circle", [RED, BLUE])  # no relation at all
 
