@@ -107,6 +107,8 @@ def train(
     val_fraction: Annotated[Optional[float], Opt(help=_help("val_fraction"))] = None,
     test_fraction: Annotated[Optional[float], Opt(help=_help("test_fraction"))] = None,
     max_pixels: Annotated[Optional[int], Opt(help=_help("max_pixels"))] = None,
+    exclude: Annotated[Optional[str], Opt(help=_help("exclude"))] = None,
+    relabel: Annotated[Optional[str], Opt(help=_help("relabel"))] = None,
     report: Annotated[Optional[bool], Opt("--report/--no-report", help=_help("report"))] = None,
     seed: Annotated[Optional[int], Opt(help=_help("seed"))] = None,
     device: Annotated[Optional[str], Opt(help="auto | cpu | cuda [config default: auto]")] = None,
