@@ -22,6 +22,7 @@ from rich.table import Table
 import visiontune
 from visiontune.cli.adapt import adapt as adapt_command
 from visiontune.cli.anomaly import anomaly_app
+from visiontune.cli.audit import audit as audit_command
 from visiontune.cli.bench import benchmark
 from visiontune.cli.compare import register as register_compare
 from visiontune.cli.export import export
@@ -53,6 +54,7 @@ register_features(app)
 app.command(name="serve")(serve_command)
 app.command(name="adapt")(adapt_command)
 app.command()(shift)
+app.command(name="audit")(audit_command)
 
 
 def _help(field: str) -> str:
