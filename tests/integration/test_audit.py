@@ -31,8 +31,9 @@ def planted_data(root: Path) -> Path:
             for i in range(count):
                 pattern(COLOURS[name], 1000 * s + 100 * k + i).save(root / split / name / f"{name}_{i}.png")
     pattern(COLOURS["red"], 4242).save(root / "train" / "blue" / "flipped.png")  # a red image labelled blue
-    with Image.open(root / "train" / "red" / "red_3.png") as image:  # resized, re-encoded copy in val
-        image.resize((40, 40)).convert("RGB").save(root / "val" / "red" / "leak.jpg", quality=80)
+    # the same pixels in other bytes, in val (the benchmark measures resized, cropped, JPEG copies)
+    with Image.open(root / "train" / "red" / "red_3.png") as image:
+        image.save(root / "val" / "red" / "leak.png", compress_level=1)
     (root / "val" / "red" / "broken.png").write_bytes(b"not an image")
     return root
 
@@ -48,7 +49,7 @@ def test_audit_finds_planted_problems_writes_only_out_and_train_applies_the_deci
     before, around = snapshot(data), set(tmp_path.iterdir())
     result = CliRunner().invoke(app, [
         "audit", str(data), "--model", TINY_OPTIONS["model"], "--no-pretrained", "--image-size", "32",
-        "--workers", "0", "--duplicate-similarity", "0.9999", "--out", str(tmp_path / "audit")])
+        "--workers", "0", "--duplicate-similarity", "0.99999", "--out", str(tmp_path / "audit")])
     assert result.exit_code == 0, result.output
     assert "broken.png" in result.output  # unreadable: skipped and listed
     assert snapshot(data) == before and set(tmp_path.iterdir()) == around | {tmp_path / "audit"}
@@ -59,7 +60,8 @@ def test_audit_finds_planted_problems_writes_only_out_and_train_applies_the_deci
     assert (Path(issues[0]["path"]).name, issues[0]["given_label"], issues[0]["suggested_label"]) == (
         "flipped.png", "blue", "red")
     leaks = [r for r in rows if r["kind"] == "leakage"]
-    assert (Path(leaks[0]["path"]).name, Path(leaks[0]["other_path"]).name) == ("leak.jpg", "red_3.png")
+    assert (Path(leaks[0]["path"]).name, Path(leaks[0]["other_path"]).name, leaks[0]["exact"]) == (
+        "leak.png", "red_3.png", "False")
     record = json.loads((tmp_path / "audit" / "findings.json").read_text())
     assert record["images"] == 46 and [s["path"] for s in record["skipped"]] == [str(data / "val/red/broken.png")]
     page = (tmp_path / "audit" / "report.html").read_text()
