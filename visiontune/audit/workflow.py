@@ -44,8 +44,11 @@ def audit(data, *, out: str | Path | None = None, model: str | None = None, run:
     if not isinstance(data, (str, Path)):
         raise UserError("audit needs a labelled data source: an image folder, split folder or CSV file")
     out_dir = Path(out).expanduser() if out else Path("audits") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"--out {out_dir} already exists and is not empty; choose another folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"--out {out_dir} already exists and is not an empty folder; choose another one")
+    root = Path(data).expanduser().resolve()
+    if root.is_dir() and out_dir.resolve().is_relative_to(root):
+        raise UserError(f"--out {out_dir} is inside the data folder {root}; the audit writes nothing there")
     inputs = list_inputs(data, label_regex, val_fraction, test_fraction, seed)
     extractor, preprocessing = build_extractor(model, run, None, weights, pretrained, image_size, seed)
     torch_device = resolve_device(device)
