@@ -51,6 +51,10 @@ class TrainConfig(BaseModel):
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, gt=0, description="Images with more pixels are skipped (decompression bombs)."
     )
+    exclude: str | None = Field(None, description="CSV whose 'path' column lists images to leave out (audit findings).")
+    relabel: str | None = Field(
+        None, description="CSV of 'path' and 'label' (or 'suggested_label'): reviewed label fixes (audit findings)."
+    )
 
     model: str = Field("resnet50", description="Any timm model name.")
     weights: str | None = Field(None, description="Local weights file (safetensors or state dict).")

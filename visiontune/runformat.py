@@ -26,6 +26,7 @@ CONFIG_FILE = "config.yaml"
 SPLITS_FILE = "splits.csv"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+CURATION_FILE = "curation.json"  # what --exclude / --relabel left out or relabelled
 THRESHOLD_FILE = "threshold.json"
 CALIBRATION_FILE = "calibration.json"
 REPORT_FILE = "report.html"

@@ -22,6 +22,7 @@ from rich.table import Table
 import visiontune
 from visiontune.cli.adapt import adapt as adapt_command
 from visiontune.cli.anomaly import anomaly_app
+from visiontune.cli.audit import audit as audit_command
 from visiontune.cli.bench import benchmark
 from visiontune.cli.caption import caption_app
 from visiontune.cli.compare import register as register_compare
@@ -55,6 +56,7 @@ register_features(app)
 app.command(name="serve")(serve_command)
 app.command(name="adapt")(adapt_command)
 app.command()(shift)
+app.command(name="audit")(audit_command)
 
 
 def _help(field: str) -> str:
@@ -109,6 +111,8 @@ def train(
     val_fraction: Annotated[Optional[float], Opt(help=_help("val_fraction"))] = None,
     test_fraction: Annotated[Optional[float], Opt(help=_help("test_fraction"))] = None,
     max_pixels: Annotated[Optional[int], Opt(help=_help("max_pixels"))] = None,
+    exclude: Annotated[Optional[str], Opt(help=_help("exclude"))] = None,
+    relabel: Annotated[Optional[str], Opt(help=_help("relabel"))] = None,
     report: Annotated[Optional[bool], Opt("--report/--no-report", help=_help("report"))] = None,
     seed: Annotated[Optional[int], Opt(help=_help("seed"))] = None,
     device: Annotated[Optional[str], Opt(help="auto | cpu | cuda [config default: auto]")] = None,

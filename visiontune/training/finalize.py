@@ -67,6 +67,7 @@ def finalize(setup: TrainingSetup, run_dir: Path, outcome: TrainingOutcome, star
         "timings": timings,
         "skipped": [{"path": s.path, "reason": s.reason} for s in setup.scanned.skipped],
         "empty_classes": setup.empty_classes,
+        "curation": setup.curation,
         "data_checks": {
             "errors": setup.data_checks.errors,
             "warnings": setup.data_checks.warnings,

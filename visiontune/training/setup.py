@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomS
 from visiontune._version import __version__
 from visiontune.config import TrainConfig
 from visiontune.data.cache import DecodedImageCache
+from visiontune.data.curation import curate
 from visiontune.data.dataset import ImageDataset, collate_skipping_none
 from visiontune.data.samples import Sample, SampleSet
 from visiontune.data.sources import discover
@@ -36,7 +37,7 @@ from visiontune.data.validate import DataReport, ScanResult, check_samples, scan
 from visiontune.devices import native_bf16_cpu, plan_cpu, resolve_device
 from visiontune.errors import UserError
 from visiontune.inference.engine import CPU_BATCH, CUDA_BATCH
-from visiontune.io import atomic_write, write_text_atomic
+from visiontune.io import atomic_write, read_json, write_text_atomic
 from visiontune.locking import is_only_lock
 from visiontune.models.backbones import check_weights_available, create_classifier
 from visiontune.models.losses import ClassificationLoss, class_weights_for
@@ -52,6 +53,7 @@ from visiontune.models.probe_heads import (
 )
 from visiontune.runformat import (
     CONFIG_FILE,
+    CURATION_FILE,
     LABELS_FILE,
     META_FILE,
     SPLITS_FILE,
@@ -79,6 +81,7 @@ class TrainingSetup:
     scan_s: float
     labels: list[str]
     empty_classes: list[str]
+    curation: dict  # what --exclude / --relabel changed (data.curation.curate's record)
     data_checks: DataReport
     pre: Preprocessing
     metadata: dict  # model.json, also in every checkpoint's header
@@ -168,6 +171,11 @@ def build_setup(cfg: TrainConfig, console: Console, run_dir: Path | None = None,
     if not resuming:  # a missing download stops the run before any data is read
         check_weights_available(cfg.model, cfg.pretrained, cfg.weights)
     source = discover(run_dir / SPLITS_FILE) if resuming else _discover(cfg)
+    if resuming:  # splits.csv already holds the curated samples
+        curation = read_json(run_dir / CURATION_FILE) if (run_dir / CURATION_FILE).is_file() else {}
+    else:
+        source.samples, curation = curate(source.samples, cfg.exclude, cfg.relabel)
+        _log_curation(curation)
     t0 = time.perf_counter()
     scanned = _scan(source, cfg.max_pixels, console)
     scan_s = time.perf_counter() - t0
@@ -185,6 +193,7 @@ def build_setup(cfg: TrainConfig, console: Console, run_dir: Path | None = None,
         log.warning("data check: %s", problem)
     if run_dir is not None and not resuming:
         _write_run_files(cfg, run_dir, scanned, labels, metadata)
+        write_text_atomic(run_dir / CURATION_FILE, json.dumps(curation, indent=2))
 
     index = {label: i for i, label in enumerate(labels)}
     by_split = {split: [s for s in scanned.readable if s.split == split] for split in ("train", "val", "test")}
@@ -235,7 +244,7 @@ def build_setup(cfg: TrainConfig, console: Console, run_dir: Path | None = None,
     module, optimizer = fabric.setup(torch.compile(network) if cfg.compile else network, optimizer)
     return TrainingSetup(
         cfg=cfg, console=console, fabric=fabric, workers=workers, scanned=scanned, scan_s=scan_s, labels=labels,
-        empty_classes=source.empty_classes, data_checks=data_checks, pre=pre, metadata=metadata, model=model,
+        empty_classes=source.empty_classes, curation=curation, data_checks=data_checks, pre=pre, metadata=metadata, model=model,
         normalize=normalize, module=module, optimizer=optimizer, fixed=fixed, train_ds=train_ds,
         val_ds=eval_sets["val"], train_eval_ds=train_eval_ds, generator=generator, sampler=sampler,
         drop_last=drop_last, train_loader=train_loader, eval_loaders=eval_loaders, eval_batch_size=eval_batch_size,
@@ -288,6 +297,14 @@ def _discover(cfg: TrainConfig) -> SampleSet:
     for note in source.notes:
         log.warning(note)
     return source
+
+
+def _log_curation(curation: dict) -> None:
+    if curation["excluded"] or curation["relabelled"]:
+        log.info("excluded %d image(s), relabelled %d (listed in %s)", len(curation["excluded"]),
+                 len(curation["relabelled"]), CURATION_FILE)
+    for path in curation["not_found"]:
+        log.warning("--exclude / --relabel names %s, which is not in the data", path)
 
 
 def _scan(source: SampleSet, max_pixels: int, console: Console) -> ScanResult:
