@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from tests.integration.test_cli import cli
 from visiontune import caption
 from visiontune.caption import workflow
+from visiontune.errors import UserError
 from visiontune.serve.app import ServeSettings, create_app
 from visiontune.serve.models import load_served
 
@@ -117,3 +118,14 @@ def test_a_caption_run_is_served(trained: Path, scenes: Path) -> None:
     body = answer.json()
     assert body["kind"] == "caption" and body["results"][0]["caption"] == expected[0].caption
     assert body["results"][0]["overlay_png"] and card["encoder"]["grid"] == [2, 2]
+
+
+def test_resume_refuses_a_damaged_or_unfinished_run(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("data: [unclosed")
+    with pytest.raises(UserError, match="config.yaml is damaged"):
+        caption.fit(resume=tmp_path)
+    (tmp_path / "config.yaml").write_text("data: captions.csv\n")  # stopped before the encoder was saved
+    with pytest.raises(UserError, match="stopped before its files were written"):
+        caption.fit(resume=tmp_path)
+    with pytest.raises(UserError, match="not a caption run to resume"):
+        caption.fit(resume=tmp_path / "nothing")

@@ -63,7 +63,13 @@ def fit(data: str | Path | None = None, *, resume: str | Path | None = None, **o
         run_dir = Path(resume).expanduser()
         if not (run_dir / CONFIG_FILE).is_file():
             raise UserError(f"{run_dir} is not a caption run to resume (no {CONFIG_FILE})")
-        cfg = CaptionConfig(**yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
+        try:
+            saved_options = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise UserError(f"{run_dir / CONFIG_FILE} is damaged: {exc}") from None
+        if not isinstance(saved_options, dict) or not (run_dir / ENCODER_FILE).is_file():
+            raise UserError(f"{run_dir} was stopped before its files were written; train again with another --out")
+        cfg = build_caption_config(**saved_options)
     else:
         cfg = build_caption_config(data=str(data), **options)
         run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-caption-{cfg.model}").expanduser()
@@ -99,14 +105,14 @@ def _train(cfg: CaptionConfig, run_dir: Path, resuming: bool) -> None:
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     decoder, optimizer = fabric.setup(decoder, optimizer)
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
-    if resuming:
+    if resuming and (run_dir / STATE_FILE).is_file():  # none yet: stopped during the first epoch, so it starts over
         saved = load_state(run_dir / STATE_FILE)
         decoder.load_state_dict(saved["decoder"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {key: saved[key] for key in state}
         torch.set_rng_state(saved["rng"])  # dropout continues exactly as an uninterrupted run's
         log.info("resuming %s after epoch %d", run_dir, state["epoch"])
-    else:
+    elif not resuming:
         _write_run_files(cfg, run_dir, captions, vocab, spec, preprocessing, extractor)
     train_idx = captions.indices("train")
     pairs_image = torch.tensor([i for i in train_idx for _ in captions.captions[i]])
