@@ -4,7 +4,6 @@ OUT/findings.json and OUT/report.html. Only OUT is written; the user's images ar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -12,13 +11,12 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from visiontune.audit import analysis as a
-from visiontune.data.dataset import default_workers
-from visiontune.devices import plan_cpu, resolve_device
+from visiontune.config import DEFAULT_MAX_PIXELS
+from visiontune.data.images import ImageLoadError, inspect_image, load_rgb
 from visiontune.errors import UserError
-from visiontune.features.extraction import SPLIT_DEFAULTS, build_extractor, list_inputs
+from visiontune.features.extraction import SPLIT_DEFAULTS, build_extractor, list_inputs, plan_extraction
 from visiontune.io import write_csv_atomic, write_text_atomic
 from visiontune.models.extractor import iter_features
 from visiontune.reporting.html import render_page
@@ -51,11 +49,7 @@ def audit(data, *, out: str | Path | None = None, model: str | None = None, run:
         raise UserError(f"--out {out_dir} is inside the data folder {root}; the audit writes nothing there")
     inputs = list_inputs(data, label_regex, val_fraction, test_fraction, seed)
     extractor, preprocessing = build_extractor(model, run, None, weights, pretrained, image_size, seed)
-    torch_device = resolve_device(device)
-    if torch_device.type == "cpu":
-        workers = plan_cpu(threads, workers).apply().workers
-    elif workers is None:
-        workers = default_workers()
+    torch_device, workers = plan_extraction(device, threads, workers)
 
     kept, skipped, rows = [], [], []
     for batch in iter_features(extractor, preprocessing.eval_transform(), inputs.paths, "avg", batch_size, workers,
@@ -115,9 +109,9 @@ def _duplicate_findings(pairs, paths, splits, labels, classes) -> list[dict]:
     order = {"train": 0, "val": 1, "test": 2}
     digests: dict[str, str] = {}
 
-    def digest(path: str) -> str:
+    def digest(path: str) -> str:  # the same hash `check` compares for exact duplicates
         if path not in digests:
-            digests[path] = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+            digests[path] = inspect_image(path, DEFAULT_MAX_PIXELS).sha1
         return digests[path]
 
     rows, ranks = [], {"leakage": 0, "near_duplicate": 0}
@@ -155,10 +149,13 @@ def _groups(findings: list[dict]) -> list[dict]:
 
 
 def _thumb(path: str) -> str:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((THUMB, THUMB))
-        return data_uri(image)
+    """Decoded as training decodes (EXIF rotation, CMYK, 16-bit, alpha); "" when it cannot be."""
+    try:
+        image = load_rgb(path, DEFAULT_MAX_PIXELS, draft_size=THUMB)
+    except ImageLoadError:
+        return ""
+    image.thumbnail((THUMB, THUMB))
+    return data_uri(image)
 
 
 def _json(record: dict) -> str:

@@ -40,17 +40,22 @@ class EncoderSpec:
                    (int(values["grid"][0]), int(values["grid"][1])))
 
 
-def encoder_spec(backbone: str, features: str, layers: Sequence[str] | None, input_size: int) -> EncoderSpec:
-    """What the encoder will output for `input_size` images; an impossible setting is one message."""
+def encoder_layers(backbone: str, features: str, layers: Sequence[str] | None) -> list[str]:
+    """The backbone levels `features` reads (default: the last; multi: the last two), checked."""
     if features not in FEATURE_MODES:
         raise UserError(f"--features must be one of {', '.join(FEATURE_MODES)}, not {features!r}")
-    levels = feature_levels(backbone)
     if features == "multi" and not layers:
-        layers = [level["module"] for level in levels[-2:]]
+        layers = [level["module"] for level in feature_levels(backbone)[-2:]]
     chosen = check_layers(backbone, layers)
     if features != "multi" and len(chosen) > 1:
         raise UserError(f"--features {features} uses one layer; give one --layers name or use --features multi")
-    by_name = {level["module"]: level for level in levels}
+    return chosen
+
+
+def encoder_spec(backbone: str, features: str, layers: Sequence[str] | None, input_size: int) -> EncoderSpec:
+    """What the encoder will output for `input_size` images; an impossible setting is one message."""
+    chosen = encoder_layers(backbone, features, layers)
+    by_name = {level["module"]: level for level in feature_levels(backbone)}
     coarsest = max(by_name[name]["reduction"] for name in chosen)
     side = -(-input_size // coarsest)  # ceil: timm's convolutions pad
     if side < 1:

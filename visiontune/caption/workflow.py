@@ -25,7 +25,7 @@ from visiontune._version import __version__
 from visiontune.caption.config import CaptionConfig, build_caption_config
 from visiontune.caption.data import CaptionSet, read_captions
 from visiontune.caption.decoders import build_decoder
-from visiontune.caption.encoder import EncoderSpec, encode_files, encoder_spec
+from visiontune.caption.encoder import EncoderSpec, encode_files, encoder_layers, encoder_spec
 from visiontune.caption.metrics import caption_scores
 from visiontune.caption.run import CaptionRun, generate
 from visiontune.caption.vocab import Vocabulary
@@ -87,7 +87,8 @@ def _train(cfg: CaptionConfig, run_dir: Path, resuming: bool) -> None:
     source = run_dir / CAPTIONS_FILE if resuming else cfg.data
     captions = read_captions(source, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
-    extractor = create_extractor(cfg.model, _layers(cfg), cfg.pretrained, cfg.weights, cfg.seed)
+    extractor = create_extractor(cfg.model, encoder_layers(cfg.model, cfg.features, cfg.layers), cfg.pretrained,
+                                 cfg.weights, cfg.seed)
     preprocessing = Preprocessing.from_model(extractor.model, cfg.image_size, crop_mode="squash")
     spec = encoder_spec(cfg.model, cfg.features, cfg.layers, preprocessing.input_size)
     if resuming:
@@ -119,6 +120,7 @@ def _train(cfg: CaptionConfig, run_dir: Path, resuming: bool) -> None:
     pairs_tokens = vocab.encode([c for i in train_idx for c in captions.captions[i]], cfg.max_length)
     steps_per_epoch = -(-len(pairs_image) // cfg.batch_size)
     val_idx = captions.indices("val")
+    val_refs = [[vocab.tokenize(c) for c in captions.captions[i]] for i in val_idx]
     loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=cfg.label_smoothing)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["bad_epochs"] >= cfg.patience:
@@ -140,7 +142,7 @@ def _train(cfg: CaptionConfig, run_dir: Path, resuming: bool) -> None:
             fabric.backward(loss)
             optimizer.step()
             total_loss += loss.detach()  # summed on the device: one host sync per epoch, not per step
-        val = _validate(decoder, vocab, memory, captions, val_idx, cfg, fabric.device)
+        val = _validate(decoder, vocab, memory[val_idx], val_refs, cfg, fabric.device)
         score = val[cfg.monitor]["value"]
         improved = score > state["best"]
         state |= {"epoch": epoch, "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
@@ -157,12 +159,6 @@ def _train(cfg: CaptionConfig, run_dir: Path, resuming: bool) -> None:
         log.info("epoch %d/%d  loss %.3f  val CIDEr-D %.3f  BLEU-4 %.3f%s  (%.1f s)", epoch, cfg.epochs,
                  row["train_loss"], row["val_cider"], row["val_bleu4"], "  *" if improved else "", row["seconds"])
     _finish(cfg, run_dir, captions, state, time.perf_counter() - started)
-
-
-def _layers(cfg: CaptionConfig) -> list[str]:
-    """The encoder layers the spec will use (checked against the backbone there)."""
-    from_spec = encoder_spec(cfg.model, cfg.features, cfg.layers, cfg.image_size or 224)
-    return list(from_spec.layers)
 
 
 def _width(cfg: CaptionConfig) -> int:
@@ -191,11 +187,11 @@ def _encode(extractor, spec: EncoderSpec, preprocessing: Preprocessing, captions
     return memory, kept_set
 
 
-def _validate(decoder, vocab: Vocabulary, memory: torch.Tensor, captions: CaptionSet, indices: list[int],
-              cfg: CaptionConfig, device: torch.device) -> dict:
+def _validate(decoder, vocab: Vocabulary, memory: torch.Tensor, refs: list[list[str]], cfg: CaptionConfig,
+              device: torch.device) -> dict:
+    """Greedy captions of the validation memory scored against their tokenised references."""
     decoder.eval()
-    generated = generate(decoder, vocab, memory[indices], beam=1, max_length=cfg.max_length, device=device)
-    refs = [[vocab.tokenize(c) for c in captions.captions[i]] for i in indices]
+    generated = generate(decoder, vocab, memory, beam=1, max_length=cfg.max_length, device=device)
     scores, _ = caption_scores(refs, [vocab.decode(g) for g in generated.tokens], bootstrap=0)
     return scores
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from visiontune.config import TrainConfig
 from visiontune.data.dataset import default_workers
@@ -77,6 +78,15 @@ def build_extractor(model: str | None, run: str | Path | None, layers: Sequence[
     return extractor, Preprocessing.from_model(extractor.model, image_size)
 
 
+def plan_extraction(device: str, threads: int | None, workers: int | None) -> tuple[torch.device, int]:
+    """The device and loader workers of a feature pass: on a CPU, threads and workers planned for
+    the cores free now (and applied); on a GPU, the given workers or the default."""
+    torch_device = resolve_device(device)
+    if torch_device.type == "cpu":
+        return torch_device, plan_cpu(threads, workers).apply().workers
+    return torch_device, default_workers() if workers is None else workers
+
+
 def extract(data, *, out: str | Path, model: str | None = None, run: str | Path | None = None,
             layers: Sequence[str] | None = None, pool: str = "avg", weights: str | Path | None = None,
             pretrained: bool = True, image_size: int | None = None, project_dim: int | None = None,
@@ -100,11 +110,7 @@ def extract(data, *, out: str | Path, model: str | None = None, run: str | Path 
         raise UserError("--project-dim needs pooled features (--pool avg or max)")
     inputs = list_inputs(data, label_regex, val_fraction, test_fraction, seed)
     extractor, preprocessing = build_extractor(model, run, layers, weights, pretrained, image_size, seed)
-    torch_device = resolve_device(device)
-    if torch_device.type == "cpu":
-        workers = plan_cpu(threads, workers).apply().workers
-    elif workers is None:
-        workers = default_workers()
+    torch_device, workers = plan_extraction(device, threads, workers)
     load_s = time.perf_counter() - started
 
     folder, rows = temporary_rows(out, len(inputs.paths))
