@@ -39,11 +39,12 @@ TOKENIZER_FILE = "tokenizer.json"
 CAPTIONS_FILE = "captions.csv"  # image,caption,split: the split used, itself a valid source
 ENCODER_FILE = f"{CHECKPOINT_DIR}/encoder.safetensors"
 
-Kind = Literal["classifier", "anomaly", "caption"]
+Kind = Literal["classifier", "anomaly", "caption", "detector"]
 OPENED_WITH: dict[str, str] = {  # how a user opens each kind, for the wrong-entry-point message
     "classifier": "visiontune.load_run(DIR) in Python, or `visiontune evaluate / predict / explain DIR`",
     "anomaly": "visiontune.anomaly.load(DIR) in Python, or `visiontune anomaly predict / evaluate DIR`",
     "caption": "visiontune.caption.load(DIR) in Python, or `visiontune caption predict / evaluate DIR`",
+    "detector": "visiontune.detect.load(DIR) in Python, or `visiontune detect predict / evaluate DIR`",
 }
 LEGACY_ANOMALY_FORMAT = "visiontune-anomaly/1"  # the anomaly model.json marker before `kind`
 
@@ -77,7 +78,7 @@ def read_meta(directory: str | Path, expected: Kind) -> dict:
     path = directory / META_FILE
     if not path.is_file():
         what = {"classifier": "a visiontune run directory", "anomaly": "an anomaly model directory",
-                "caption": "a caption run directory"}[expected]
+                "caption": "a caption run directory", "detector": "a detector run directory"}[expected]
         raise UserError(f"{directory} is not {what} (no {META_FILE})")
     raw = read_json(path)
     try:

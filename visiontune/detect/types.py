@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -76,3 +77,15 @@ class Detections:
     @classmethod
     def empty(cls) -> "Detections":
         return cls(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+
+
+class Detector(Protocol):
+    """What `detect predict / evaluate` and the threshold choice need from a fitted detector of any
+    method (R-CNN regions, Faster R-CNN). Images are decoded by the caller (`data.images.load_rgb`,
+    so unreadable files are listed there) and passed as RGB uint8 `H x W x 3` arrays. No score
+    threshold is applied here beyond the method's own floor: the run's threshold is applied by the
+    caller."""
+
+    classes: list[str]
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]: ...
