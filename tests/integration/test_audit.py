@@ -80,3 +80,42 @@ def test_audit_finds_planted_problems_writes_only_out_and_train_applies_the_deci
     splits = {r["path"]: r["label"] for r in csv.DictReader((tmp_path / "run" / "splits.csv").open())}
     assert leaks[0]["path"] not in splits and splits[issues[0]["path"]] == "red"
     assert snapshot(data) == before
+
+
+def test_audit_fine_tune_trains_one_run_per_fold_and_leaves_only_its_findings(tmp_path):
+    data = planted_data(tmp_path / "data")
+    before = snapshot(data)
+    result = CliRunner().invoke(app, [
+        "audit", str(data), "--model", TINY_OPTIONS["model"], "--no-pretrained", "--image-size", "32",
+        "--workers", "0", "--fine-tune", "--folds", "2", "--epochs", "1", "--batch-size", "8",
+        "--out", str(tmp_path / "audit")])
+    assert result.exit_code == 0, result.output
+    assert "2 folds (fine-tune)" in result.output
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["findings.csv", "findings.json", "report.html"]
+    record = json.loads((tmp_path / "audit" / "findings.json").read_text())
+    assert record["out_of_fold"] == "fine-tune" and len(record["fold_runs"]) == 2
+    assert sum(f["held_out"] for f in record["fold_runs"]) == record["images"] == 46
+    for fold in record["fold_runs"]:
+        assert fold["trained_on"] + fold["validated_on"] + fold["held_out"] == 46
+    assert snapshot(data) == before
+
+
+def test_check_near_duplicates_lists_the_planted_leak_from_a_backbone_or_a_features_file(tmp_path):
+    data = planted_data(tmp_path / "data")
+    backbone = ["--model", TINY_OPTIONS["model"], "--no-pretrained", "--image-size", "32"]
+    result = CliRunner().invoke(app, ["check", str(data), "--near-duplicates", *backbone,
+                                      "--duplicate-similarity", "0.99999"])
+    assert result.exit_code == 0, result.output  # leaked near-duplicates warn; they are not errors
+    assert "near-duplicates across splits (leakage) (1," in result.output
+    assert "val:" + str(data / "val/red/leak.png") + " ~ train:" + str(data / "train/red/red_3.png") in result.output
+    assert "1 near-duplicate pair(s) span splits" in result.output
+
+    features = tmp_path / "features.npz"
+    made = CliRunner().invoke(app, ["features", str(data), *backbone, "--workers", "0", "--out", str(features)])
+    assert made.exit_code == 0, made.output
+    again = CliRunner().invoke(app, ["check", str(data), "--near-duplicates", "--features", str(features),
+                                     "--duplicate-similarity", "0.99999"])
+    assert again.exit_code == 0 and "leak.png" in again.output and "red_3.png" in again.output
+
+    missing = CliRunner().invoke(app, ["check", str(data), "--near-duplicates"])
+    assert missing.exit_code == 2 and "needs features" in missing.output

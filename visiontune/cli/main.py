@@ -23,6 +23,7 @@ import visiontune
 from visiontune.cli.adapt import adapt as adapt_command
 from visiontune.cli.anomaly import anomaly_app
 from visiontune.cli.audit import audit as audit_command
+from visiontune.cli.audit import check_near_duplicates
 from visiontune.cli.bench import benchmark
 from visiontune.cli.caption import caption_app
 from visiontune.cli.compare import register as register_compare
@@ -141,6 +142,15 @@ def check(
     max_pixels: Annotated[int, Opt(help=_help("max_pixels"))] = TrainConfig.model_fields["max_pixels"].default,
     min_size: Annotated[int, Opt(help="Images with a side below this are reported as small.")] = 32,
     as_json: Annotated[bool, Opt("--json", help="Print the report as JSON.")] = False,
+    near_duplicates: Annotated[bool, Opt("--near-duplicates", help="Also find near-duplicates (resized, re-encoded, cropped copies) by feature similarity, as `audit` does; needs --model, --run or --features. Leaked ones are warnings.")] = False,
+    model: Annotated[Optional[str], Opt(help="With --near-duplicates: the timm backbone computing the features.")] = None,
+    run: Annotated[Optional[Path], Opt("--run", help="With --near-duplicates: a trained run's backbone instead of --model.")] = None,
+    weights: Annotated[Optional[Path], Opt(help="With --near-duplicates --model: local backbone weights.")] = None,
+    pretrained: Annotated[bool, Opt("--pretrained/--no-pretrained", help="With --model: pretrained backbone.")] = True,
+    features: Annotated[Optional[Path], Opt(help="With --near-duplicates: pooled features from `visiontune features DATA --out FILE`.")] = None,
+    duplicate_similarity: Annotated[Optional[float], Opt(help="Cosine similarity from which two images are near-duplicates [default: audit's, calibrated].")] = None,
+    image_size: Annotated[Optional[int], Opt(help="With --near-duplicates: input size [default: the backbone's].")] = None,
+    device: Annotated[str, Opt(help="With --near-duplicates: auto | cpu | cuda")] = "auto",
 ) -> None:
     """Report counts, unreadable files, duplicates, leakage, small images and imbalance.
 
@@ -157,6 +167,14 @@ def check(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         _print_report(report)
+    if near_duplicates:
+        leaked = check_near_duplicates(
+            data, features=features, model=model, run=run, weights=weights, pretrained=pretrained,
+            image_size=image_size, duplicate_similarity=duplicate_similarity, device=device,
+            label_regex=label_regex, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        if leaked:
+            stdout.print(f"[yellow]warning:[/yellow] {leaked} near-duplicate pair(s) span splits; review them "
+                         "(`visiontune audit` ranks them) and exclude the later copy with `train --exclude`")
     raise typer.Exit(1 if report.errors else 0)
 
 
