@@ -1,6 +1,7 @@
 """`visiontune audit` on hymenoptera train+val with planted problems (issue 18's targets).
 
     PYTHONPATH=. python benchmarks/audit_noise.py [--seed 0] [--json benchmarks/results/audit_noise_cpu.json]
+    PYTHONPATH=. python benchmarks/audit_noise.py --fine-tune --folds 3 --epochs 3 [--json ...]
 
 Plants, seeded and unseen by the audit: 10% of the labels flipped (a CSV data source with the
 wrong labels; no image is touched) and 20 near-duplicates of training images added to val
@@ -83,12 +84,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="Which labels are flipped and which images copied.")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--fine-tune", action="store_true", help="audit --fine-tune (the recipe per fold).")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, help="With --fine-tune: epochs per fold.")
     args = parser.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         source, flipped, pairs = planted(scratch, np.random.default_rng(args.seed))
-        command = ["audit", str(source), "--model", MODEL, "--weights", str(WEIGHTS), "--out", str(scratch / "audit")]
+        command = ["audit", str(source), "--model", MODEL, "--weights", str(WEIGHTS), "--folds", str(args.folds)]
+        if args.fine_tune:
+            command += ["--fine-tune"] + (["--epochs", str(args.epochs)] if args.epochs else [])
+        command += ["--out", str(scratch / "audit")]
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "visiontune.cli.main", *command], check=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -113,6 +120,7 @@ def main() -> None:
     result = {
         "command": "visiontune " + " ".join(command[:1] + ["NOISY.csv"] + command[2:-2] + ["--out", "DIR"]),
         "seed": args.seed, "images": record["images"], "flipped": len(flipped), "folds": record["folds"],
+        "out_of_fold": record["out_of_fold"], "fold_runs": record["fold_runs"],
         "oof_accuracy": round(record["oof_accuracy"], 4),
         "audit": _precision_recall(flagged, flipped),
         "naive_top_losses": _precision_recall([paths[k] for k in naive], flipped),

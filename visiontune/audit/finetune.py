@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from visiontune.audit.analysis import Folds, checked_folds
-from visiontune.config import TrainConfig
+from visiontune.config import build_config
 from visiontune.errors import UserError
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.training.finetune import fit
@@ -41,7 +41,8 @@ def fold_recipe(run: str | Path | None, model: str | None, options: dict) -> dic
             values["lr"] = lr
     else:
         values = {"model": model}
-    return {**values, **{k: v for k, v in options.items() if v is not None}, "report": False}
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
+    return {**values, **given, "report": False}
 
 
 def fine_tuned_probabilities(paths: list[str], labels: np.ndarray, classes: list[str], recipe: dict,
@@ -58,7 +59,7 @@ def fine_tuned_probabilities(paths: list[str], labels: np.ndarray, classes: list
             source = Path(tmp) / f"fold-{k}.csv"
             _write_source(source, paths, labels, classes, train, val)
             log.info("fold %d/%d: fine-tuning on %d images (%d for validation)", k, folds, len(train), len(val))
-            run = fit(str(source), config=TrainConfig(**recipe), progress=progress,
+            run = fit(str(source), config=build_config(recipe, "the audit's fold recipe"), progress=progress,
                       out=str(Path(tmp) / f"run-{k}"), seed=seed)
             probs[held_out] = _probabilities(run, [paths[i] for i in held_out], classes, recipe)
             records.append({"fold": k, "trained_on": len(train) - len(val), "validated_on": len(val),

@@ -50,9 +50,11 @@ def test_a_runs_recipe_keeps_its_training_options_but_not_its_data_out_or_curati
         "data": "/old", "out": "/runs/x", "exclude": "ex.csv", "relabel": None, "label_regex": None,
         "model": "resnet50", "epochs": 9, "lr": 3e-4, "focal_alpha": -1.0})
     monkeypatch.setattr(finetune, "ClassifierRun", lambda run: SimpleNamespace(config=config))
-    recipe = finetune.fold_recipe("RUN", None, {"epochs": 3, "device": "cpu", "weights": None})
+    recipe = finetune.fold_recipe("RUN", None, {"epochs": 3, "device": "cpu", "weights": None,
+                                                "image_size": Path("x")})
     assert recipe == {"model": "resnet50", "epochs": 3, "lr": 3e-4, "focal_alpha": -1.0, "device": "cpu",
-                      "report": False}
+                      "image_size": "x", "report": False}
+    assert finetune.fold_recipe(None, "m", {"weights": Path("/w.safetensors")})["weights"] == "/w.safetensors"
 
 
 def test_validation_rows_take_a_share_of_each_class_but_never_all_of_it():
