@@ -15,9 +15,11 @@ from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset, WeightedRandomSampler
 
+from visiontune.config import build_config
 from visiontune.errors import UserError
 from visiontune.models.losses import ClassificationLoss
 from visiontune.training.distributed import Indexed, first_of_each, per_process_batch, shard_sampler
+from visiontune.training.finetune import _relaunched
 from visiontune.training.loop import EpochResult, evaluate, train_one_epoch
 
 
@@ -137,3 +139,15 @@ def test_progress_gets_running_numbers_every_few_steps_only(fabric, monkeypatch)
                     torch.optim.SGD(model.parameters(), lr=0.1), lambda i: None, on_batch=seen.append)
     assert [stats is None for stats in seen] == [True, False] * 3
     assert all(0 <= stats[1] <= 1 for stats in seen if stats)
+
+
+def test_launch_options_parse_and_are_all_a_resume_may_change():
+    assert build_config({"devices": "4"}).devices == 4 and build_config({"devices": "auto"}).devices == "auto"
+    with pytest.raises(UserError, match="devices must be a whole number"):
+        build_config({"devices": "0"})
+    with pytest.raises(UserError, match="strategy"):
+        build_config({"strategy": "fsdp"})
+    cfg = build_config({"data": "x"})
+    assert _relaunched(cfg, {"devices": 2, "num_nodes": 2}).num_nodes == 2
+    with pytest.raises(UserError, match="only devices, num_nodes, strategy may change"):
+        _relaunched(cfg, {"devices": 2, "epochs": 3})
