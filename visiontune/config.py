@@ -110,7 +110,7 @@ class TrainConfig(BaseModel):
     train_bn: bool = Field(
         True, description="Keep BatchNorm trainable in a frozen stage that runs the backbone (--no-feature-cache)."
     )
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="The global batch: with several processes each takes an equal share.")
     lr: float | Literal["auto"] = Field(
         3e-4, description="Head learning rate of the trained stages, or auto: the lr range test's suggestion."
     )
