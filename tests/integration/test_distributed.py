@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,12 +44,17 @@ def start(spec: dict, cwd: Path, **env: str) -> subprocess.Popen:
         "HF_HUB_OFFLINE": "1", **env,
     }
     environment.setdefault("MASTER_PORT", str(free_port()))
+    # a session of its own: a hung run is killed with the processes Fabric started for it
     return subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(spec)], cwd=cwd, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, expected: int = 0) -> None:
-    output, _ = proc.communicate(timeout=300)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     assert proc.returncode == expected, output[-3000:]
 
 
