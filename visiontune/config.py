@@ -25,6 +25,8 @@ from visiontune.errors import UserError
 
 # What a run written before these options existed did: resuming it must go on the same way.
 LEGACY_DEFAULTS = {"probe": False, "bn": "batch", "crop_mode": "center"}
+# How a run is launched, not what it computes (--batch-size is global): a resume may change them.
+LAUNCH_OPTIONS = ("devices", "num_nodes", "strategy")
 Schedule = Literal["flat_cos", "one_cycle", "cosine"]
 Loss = Literal["ce", "bce", "focal"]
 Balance = Literal["none", "sampler", "weights"]
@@ -108,7 +110,7 @@ class TrainConfig(BaseModel):
     train_bn: bool = Field(
         True, description="Keep BatchNorm trainable in a frozen stage that runs the backbone (--no-feature-cache)."
     )
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="The global batch: with several processes each takes an equal share.")
     lr: float | Literal["auto"] = Field(
         3e-4, description="Head learning rate of the trained stages, or auto: the lr range test's suggestion."
     )
@@ -146,6 +148,14 @@ class TrainConfig(BaseModel):
 
     seed: int = 0
     device: Device = "auto"
+    devices: int | Literal["auto"] = Field(
+        1, description="Processes (one per GPU, or CPU processes) training together on this node (DDP); auto: "
+        "every GPU. --batch-size stays the global batch, split evenly across all processes.",
+    )
+    num_nodes: int = Field(1, ge=1, description="Machines training together, each running --devices processes.")
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto", description="auto: DDP when there is more than one process; ddp: DDP even for one."
+    )
     workers: int | None = Field(None, ge=0, description="DataLoader workers; default from the cores free now.")
     threads: int | None = Field(None, ge=1, description="CPU torch threads; default: the cores free now.")
     out: str | None = Field(None, description="Run directory; default runs/<timestamp>-<model>.")
@@ -163,6 +173,16 @@ class TrainConfig(BaseModel):
         if not number > 0:
             raise ValueError(f"lr must be a positive number or 'auto', not {value!r}")
         return number
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _parse_devices(cls, value: Any) -> Any:
+        """A count (also "4" from the command line) of at least 1, or "auto"."""
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"devices must be a whole number of at least 1 or 'auto', not {value!r}")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainConfig:

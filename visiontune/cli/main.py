@@ -33,7 +33,7 @@ from visiontune.cli.ood import ood_app
 from visiontune.cli.serve import serve as serve_command
 from visiontune.cli.shift import shift
 from visiontune.cli.tune import tune as tune_command
-from visiontune.config import TrainConfig, build_config
+from visiontune.config import LAUNCH_OPTIONS, TrainConfig, build_config
 from visiontune.errors import UserError, require_some_read
 
 app = typer.Typer(
@@ -117,16 +117,24 @@ def train(
     report: Annotated[Optional[bool], Opt("--report/--no-report", help=_help("report"))] = None,
     seed: Annotated[Optional[int], Opt(help=_help("seed"))] = None,
     device: Annotated[Optional[str], Opt(help="auto | cpu | cuda [config default: auto]")] = None,
+    devices: Annotated[Optional[str], Opt(help=_help("devices"))] = None,
+    num_nodes: Annotated[Optional[int], Opt(help=_help("num_nodes"))] = None,
+    strategy: Annotated[Optional[str], Opt(help="auto | ddp: " + _help("strategy"))] = None,
     workers: Annotated[Optional[int], Opt(help=_help("workers"))] = None,
     threads: Annotated[Optional[int], Opt(help=_help("threads"))] = None,
     out: Annotated[Optional[str], Opt(help=_help("out"))] = None,
 ) -> None:
-    """Fine-tune a pretrained backbone: a linear probe on frozen features, then everything with discriminative lrs."""
+    """Fine-tune a pretrained backbone: a linear probe on frozen features, then everything with discriminative lrs.
+
+    --devices N starts N processes (DDP; README: "Training on several GPUs / nodes").
+    """
     given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume")}
     if resume is not None:
-        if given:
-            raise UserError(f"--resume takes no other options (got {', '.join(sorted(given))}); the run's config.yaml is used")
-        visiontune.fit(resume=resume)
+        other = sorted(set(given) - set(LAUNCH_OPTIONS))
+        if other:
+            raise UserError(f"--resume takes no options but {', '.join('--' + o.replace('_', '-') for o in LAUNCH_OPTIONS)} "
+                            f"(got {', '.join(other)}); the run's config.yaml is used")
+        visiontune.fit(resume=resume, **given)
         return
     cfg = TrainConfig.from_yaml(config, **given) if config else build_config(given)
     visiontune.fit(config=cfg)

@@ -37,24 +37,25 @@ class ClassificationLoss(nn.Module):
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.kind == "ce":
-            per_sample = F.cross_entropy(
-                logits, targets, reduction="none", label_smoothing=self.label_smoothing
-            )
-        else:
-            onehot = F.one_hot(targets, self.num_classes).to(logits.dtype)
-            if self.kind == "bce":
-                per_class = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-            else:
-                per_class = sigmoid_focal_loss(
-                    logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
-                )
-            per_sample = per_class.sum(dim=1)
+        per_sample = self.per_sample(logits, targets)
         if self.class_weights is None:
             return per_sample.mean()
         weights = self.class_weights[targets]
         return (per_sample * weights).sum() / weights.sum()
+
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each sample's loss, before class weights (evaluation adds them up across processes)."""
+        logits = logits.float()
+        if self.kind == "ce":
+            return F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
+        onehot = F.one_hot(targets, self.num_classes).to(logits.dtype)
+        if self.kind == "bce":
+            per_class = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        else:
+            per_class = sigmoid_focal_loss(
+                logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+            )
+        return per_class.sum(dim=1)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax for ce; for sigmoid losses, per-class sigmoids rescaled to sum to one."""

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from visiontune.models.batchnorm import folded_copy
+from visiontune.training.distributed import Indexed, sum_across
 
 log = logging.getLogger(__name__)
 MAX_CACHE_BYTES = 4 * 2**30  # beyond this the frozen stage runs the backbone instead
@@ -61,18 +62,6 @@ class FeatureSet:
                 yield self.features[view, kept].to(device), self.targets[kept].to(device)
 
 
-class _Indexed(Dataset):
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        item = self.dataset[index]
-        return None if item is None else (*item, index)
-
-
 def feature_dim(model: nn.Module) -> int:
     return int(getattr(model, "num_features", 0) or model.get_classifier().in_features)
 
@@ -97,6 +86,9 @@ def extract_features(
 ) -> FeatureSet:
     """Run the frozen backbone (eval mode) over `dataset` once per view; view v is seeded by (seed, v).
 
+    Under DDP each process extracts every N-th sample and the shares are added up (each sample
+    is filled by one process, zeros elsewhere), so every process holds the whole cache in index
+    order. With augmented views a sample's view then depends on the number of processes.
     A BatchNorm-folded copy runs instead when it gives the same features (fp32) on the first batch.
     `bf16` autocasts on a CPU (on a GPU, Fabric's precision decides).
     """
@@ -108,7 +100,8 @@ def extract_features(
     present = torch.zeros(views, n, dtype=torch.bool)
     for view in range(views):
         lightning.fabric.seed_everything(seed * 7919 + view, verbose=False)
-        loader = DataLoader(_Indexed(dataset), batch_size, shuffle=False, **loader_options)
+        share = Subset(Indexed(dataset), range(fabric.global_rank, n, fabric.world_size))
+        loader = DataLoader(share, batch_size, shuffle=False, **loader_options)
         for batch in loader:
             if batch is None:
                 continue
@@ -125,5 +118,8 @@ def extract_features(
                 pooled = pooled_features(fast or model, images)
             features[view, indices] = pooled.float().cpu()
             present[view, indices] = True
+        if fabric.world_size > 1:
+            features[view] = sum_across(fabric, features[view].to(fabric.device)).cpu()
+            present[view] = sum_across(fabric, present[view].to(fabric.device, torch.int32)).cpu() > 0
     model.train(was_training)
     return FeatureSet(features, torch.tensor(dataset.targets, dtype=torch.long), present)

@@ -3,7 +3,8 @@ scorers, the report.
 
 The run's numbers are those of the best-on-validation checkpoint (the linear probe when no
 fine-tuned epoch beat it), read back from its file. The resume state is marked finished only once
-summary.json is written, so a run stopped while finishing can still be resumed.
+summary.json is written, so a run stopped while finishing can still be resumed. Under DDP every
+process evaluates its share; rank 0 alone writes, and fits the OOD scorers and the report.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ def finalize(setup: TrainingSetup, run_dir: Path, outcome: TrainingOutcome, star
 
     `started` is when this process began the run: the summary's wall time counts from it.
     """
-    cfg, history, timings = setup.cfg, outcome.history, outcome.timings
-    if outcome.best_epoch is None:  # the monitor was never finite (e.g. NaN losses)
+    cfg, history, timings, fabric = setup.cfg, outcome.history, outcome.timings, setup.fabric
+    if outcome.best_epoch is None and fabric.is_global_zero:  # the monitor was never finite (e.g. NaN losses)
         log.warning("%s was never finite; keeping the last epoch as best", cfg.monitor)
         save_model(run_dir / "checkpoints/best.safetensors", setup.model, setup.metadata)
+    if fabric.world_size > 1:
+        fabric.barrier()  # rank 0 has written best.safetensors
     best = Run(run_dir).load_model("best")
     setup.model.load_state_dict(best.state_dict())
     t0 = time.perf_counter()
@@ -73,8 +76,11 @@ def finalize(setup: TrainingSetup, run_dir: Path, outcome: TrainingOutcome, star
             "warnings": setup.data_checks.warnings,
             "cross_split_duplicates": setup.data_checks.cross_split_duplicates,
         },
-        "device": str(setup.fabric.device),
+        "device": str(fabric.device),
+        "processes": fabric.world_size,
     }
+    if not fabric.is_global_zero:
+        return Run(run_dir)
     write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     plot_history(history, run_dir / "history.png", cfg.freeze_epochs)
     final = load_state(run_dir / STATE_FILE)

@@ -1,4 +1,4 @@
-"""A rich progress bar for one epoch, showing the running loss and accuracy."""
+"""A rich progress bar for one epoch, showing the running loss and accuracy (refreshed every few steps)."""
 
 from __future__ import annotations
 
@@ -27,5 +27,9 @@ class EpochProgress:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
-    def update(self, loss: float, accuracy: float) -> None:
-        self._progress.update(self._task, advance=1, stats=f"loss {loss:.4f} acc {accuracy:.3f}")
+    def update(self, stats: tuple[float, float] | None = None) -> None:
+        """One step more; `stats` (running loss, accuracy) when the loop has read them."""
+        if stats is None:
+            self._progress.update(self._task, advance=1)
+        else:
+            self._progress.update(self._task, advance=1, stats=f"loss {stats[0]:.4f} acc {stats[1]:.3f}")

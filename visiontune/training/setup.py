@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning.fabric
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.strategies import DDPStrategy
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
@@ -60,6 +61,7 @@ from visiontune.runformat import (
     STATE_FILE,
     meta_fields,
 )
+from visiontune.training.distributed import Indexed, per_process_batch, shard_sampler
 from visiontune.training.feature_cache import (
     FeatureSet,
     extract_features,
@@ -94,7 +96,7 @@ class TrainingSetup:
     val_ds: ImageDataset
     train_eval_ds: ImageDataset  # the training images un-augmented, as the linear probe sees them
     generator: torch.Generator  # the sampler's; reseeded every epoch
-    sampler: Sampler
+    sampler: Sampler  # the global draws (the cached stage batches them whole on every process)
     drop_last: bool
     train_loader: DataLoader
     eval_loaders: dict[str, DataLoader]  # "val", and "test" when there is a test split
@@ -111,10 +113,16 @@ class TrainingSetup:
             return "frozen", 0, cfg.freeze_epochs
         return "unfrozen", cfg.freeze_epochs, cfg.epochs - cfg.freeze_epochs
 
-    def prepare_epoch(self, epoch: int) -> None:
-        """Reseed, set train mode and the stage's freezing: data order and augmentation follow (seed, epoch)."""
+    def prepare_epoch(self, epoch: int, same_on_every_rank: bool = False) -> None:
+        """Reseed, set train mode and the stage's freezing: data order and augmentation follow (seed, epoch).
+
+        The sampler's draws are the same on every process; augmentation and dropout differ per
+        process (rank 0 draws as a single process does), unless `same_on_every_rank` (the cached
+        stage, where every process trains the same head on the same batches).
+        """
         stage, _, _ = self.stage_of(epoch)
-        lightning.fabric.seed_everything(self.cfg.seed + epoch, verbose=False)
+        rank = 0 if same_on_every_rank else self.fabric.global_rank
+        lightning.fabric.seed_everything(self.cfg.seed + epoch + 1_000_003 * rank, verbose=False)
         self.generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
         self.module.train()
         apply_freezing(self.model, stage == "frozen", self.cfg.train_bn, self.fixed, self.cfg.bn_statistics)
@@ -159,14 +167,18 @@ class TrainingSetup:
         return train_set, val_set, chosen, table
 
 
-def build_setup(cfg: TrainConfig, console: Console, run_dir: Path | None = None, resuming: bool = False) -> TrainingSetup:
+def build_setup(
+    cfg: TrainConfig, console: Console, run_dir: Path | None = None, resuming: bool = False,
+    fabric: Fabric | None = None,
+) -> TrainingSetup:
     """Data, model, loaders and optimizer for `cfg`, in the order that makes a run reproducible.
 
-    A new run writes config.yaml, splits.csv, labels.json and model.json to `run_dir`; a resumed
-    one (`resuming`) reads its splits from there and starts from no pretrained weights (its state
-    replaces them); with no `run_dir` (the lr range test) nothing is read or written there.
+    A new run writes config.yaml, splits.csv, labels.json and model.json to `run_dir` (rank 0
+    alone under DDP); a resumed one (`resuming`) reads its splits from there and starts from no
+    pretrained weights (its state replaces them); with no `run_dir` (the lr range test) nothing is
+    read or written there. `fabric`: a launched one (training.finetune); default one process.
     """
-    fabric = make_fabric(cfg.device)
+    fabric = fabric or make_fabric(cfg.device)
     workers = _plan_workers(cfg, fabric)
     if not resuming:  # a missing download stops the run before any data is read
         check_weights_available(cfg.model, cfg.pretrained, cfg.weights)
@@ -191,7 +203,7 @@ def build_setup(cfg: TrainConfig, console: Console, run_dir: Path | None = None,
     data_checks = check_samples(source, cfg.max_pixels, scanned=scanned)
     for problem in data_checks.errors if not resuming else []:
         log.warning("data check: %s", problem)
-    if run_dir is not None and not resuming:
+    if run_dir is not None and not resuming and fabric.is_global_zero:
         _write_run_files(cfg, run_dir, scanned, labels, metadata)
         write_text_atomic(run_dir / CURATION_FILE, json.dumps(curation, indent=2))
 
@@ -207,13 +219,15 @@ def build_setup(cfg: TrainConfig, console: Console, run_dir: Path | None = None,
     counts = [train_ds.targets.count(i) for i in range(len(labels))]
     generator = torch.Generator()
     sampler = _train_sampler(cfg, train_ds, counts, generator)
+    batch_size = per_process_batch(cfg.batch_size, fabric.world_size)
     common = dict(
         num_workers=workers, collate_fn=collate_skipping_none,
         persistent_workers=workers > 0, pin_memory=fabric.device.type == "cuda",
     )
     drop_last = len(train_ds) > cfg.batch_size
     train_loader = fabric.setup_dataloaders(
-        DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
+        DataLoader(train_ds, batch_size, sampler=shard_sampler(sampler, fabric, drop_last), drop_last=drop_last, **common),
+        use_distributed_sampler=False,
     )
     eval_sets = {
         split: ImageDataset(items, index, pre.eval_transform(float_in_loader), cfg.max_pixels, cache)
@@ -222,8 +236,10 @@ def build_setup(cfg: TrainConfig, console: Console, run_dir: Path | None = None,
     }
     # inference batches: small on a CPU, where large ones fall out of cache (2x slower measured)
     eval_batch_size = CPU_BATCH if fabric.device.type == "cpu" else CUDA_BATCH
+    # under DDP each process evaluates its share (Fabric's DistributedSampler), with indices to join them
+    indexed = Indexed if fabric.world_size > 1 else (lambda ds: ds)
     eval_loaders = {
-        split: fabric.setup_dataloaders(DataLoader(ds, eval_batch_size, **common))
+        split: fabric.setup_dataloaders(DataLoader(indexed(ds), eval_batch_size, **common))
         for split, ds in eval_sets.items()
     }
     # the probe sees training images as evaluation does: un-augmented
@@ -273,18 +289,30 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def make_fabric(device: str) -> Fabric:
-    """Fabric for `device`: mixed precision on a GPU, fp32 on the CPU (training and `adapt` alike)."""
-    if resolve_device(device).type == "cuda":
+def make_fabric(device: str, devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto") -> Fabric:
+    """Fabric for `device`: mixed precision on a GPU, fp32 on the CPU (training and `adapt` alike).
+
+    More than one process (or strategy ddp) is DDP, on the gloo backend on a CPU; parameters a
+    stage freezes get no gradient, hence find_unused_parameters. `fabric.launch()` starts it.
+    """
+    cuda = resolve_device(device).type == "cuda"
+    per_node = (torch.cuda.device_count() if cuda else 1) if devices == "auto" else int(devices)
+    if strategy == "ddp" or per_node * num_nodes > 1:
+        strategy = DDPStrategy(find_unused_parameters=True)
+    if cuda:
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-        return Fabric(accelerator="cuda", devices=1, precision=precision)
-    return Fabric(accelerator="cpu", devices=1, precision="32-true")
+        return Fabric(accelerator="cuda", devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    return Fabric(accelerator="cpu", devices=per_node, num_nodes=num_nodes, strategy=strategy, precision="32-true")
 
 
 def _plan_workers(cfg: TrainConfig, fabric: Fabric) -> int:
     """DataLoader workers; on a CPU the plan also sets torch's thread count."""
     if fabric.device.type == "cpu":
-        cpu = plan_cpu(cfg.threads, cfg.workers).apply()
+        cpu = plan_cpu(cfg.threads, cfg.workers)
+        local_processes = max(1, fabric.world_size // cfg.num_nodes)
+        if cfg.threads is None and local_processes > 1:  # the processes of a node share its free cores
+            cpu = plan_cpu(max(1, cpu.threads // local_processes), cpu.workers)
+        cpu.apply()
         log.info("CPU plan: %s", cpu.describe())
         return cpu.workers
     return cfg.workers if cfg.workers is not None else min(8, (os.cpu_count() or 2) - 1)

@@ -4,6 +4,8 @@ Each epoch ends with an atomic resume state holding everything the next epoch de
 optimizer, step counters, early-stopping state, history); per-epoch reseeding makes data order and
 augmentation a function of (seed, epoch), so a resumed run continues exactly where it stopped.
 The frozen stage trains the head on cached backbone features where it can (feature_cache.py).
+Under DDP every process runs the same epochs on its share of each batch and gets the same
+metrics (distributed.py); rank 0 alone writes checkpoints and metrics.csv.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Trainer:
         state: dict | None = None,
     ) -> None:
         self.setup, self.run_dir, self.callbacks, self.progress = setup, run_dir, list(callbacks), progress
+        self.writes = setup.fabric.is_global_zero  # rank 0 writes the run directory, the others nothing
         self.state = state
         self.probe_choice: dict = (state or {}).get("probe_choice", {})  # the probe's C and candidates
         self.stopper = EarlyStopping(setup.cfg.monitor, setup.cfg.patience)
@@ -111,16 +114,16 @@ class Trainer:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             stage, _, _ = setup.stage_of(epoch)
-            setup.prepare_epoch(epoch)
             if stage != "frozen":
                 cached = None
+            setup.prepare_epoch(epoch, same_on_every_rank=cached is not None)
             with EpochProgress(f"epoch {epoch + 1}/{cfg.epochs} {stage}", len(setup.train_loader), self.progress) as bar:
                 if cached:
                     train, val = self._cached_epoch(epoch, *cached, on_batch=bar.update)
                 else:
                     train = train_one_epoch(
                         setup.fabric, setup.module, setup.train_loader, setup.loss_fn, setup.optimizer,
-                        lambda batch: self._set_lr(epoch, batch), on_batch=bar.update,
+                        lambda batch: self._set_lr(epoch, batch), on_batch=bar.update, sharded=True,
                     )
             train_seconds = time.perf_counter() - t0
             if not cached:
@@ -129,7 +132,7 @@ class Trainer:
             record = _epoch_record(epoch, stage, setup.optimizer.param_groups, train, val, seconds, train_seconds)
             history.append(record)
             timings["epochs_s"].append(seconds)
-            if self.stopper.update(epoch + 1, record[cfg.monitor], loss=record["val_loss"]):
+            if self.stopper.update(epoch + 1, record[cfg.monitor], loss=record["val_loss"]) and self.writes:
                 save_model(self.run_dir / "checkpoints/best.safetensors", setup.model, setup.metadata)
             self._save_epoch(epoch, history, timings)
             setup.console.print(_epoch_line(record, cfg.epochs, self.stopper.best_epoch == epoch + 1), markup=False)
@@ -178,11 +181,16 @@ class Trainer:
         record = _epoch_record(-1, "probe", setup.optimizer.param_groups, train, val, seconds, seconds)
         record["lr"] = record["backbone_lr"] = 0.0
         self.stopper.update(0, record[setup.cfg.monitor], loss=record["val_loss"])
-        save_model(self.run_dir / "checkpoints/best.safetensors", setup.model, setup.metadata)
+        if self.writes:
+            save_model(self.run_dir / "checkpoints/best.safetensors", setup.model, setup.metadata)
         return record
 
     def _cached_epoch(self, epoch: int, train_set: FeatureSet, val_set: FeatureSet, on_batch) -> tuple:
-        """One frozen epoch on cached features: same batches, lrs and steps as the backbone path."""
+        """One frozen epoch on cached features: same batches, lrs and steps as the backbone path.
+
+        Every process holds the whole cache and trains the head on whole batches alike (no
+        gradients exchanged), so the heads stay equal and match a single process's.
+        """
         setup = self.setup
         head, device, bs = PooledHead(setup.model), setup.fabric.device, setup.cfg.batch_size
         head.train()
@@ -200,6 +208,8 @@ class Trainer:
 
     def _save_epoch(self, epoch: int, history: list[dict], timings: dict) -> None:
         setup = self.setup
+        if not self.writes:
+            return
         save_model(self.run_dir / "checkpoints/last.safetensors", setup.model, setup.metadata)
         write_metrics_csv(history, self.run_dir / METRICS_FILE)
         save_state(
