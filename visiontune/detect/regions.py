@@ -100,10 +100,13 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
                         else "no region was written: no image was given")
     write_csv_atomic(out / REGIONS_CSV, CSV_COLUMNS, rows)
     counts = {split: dict(sorted(Counter(r[1] for r in rows if r[5] == split).items())) for split in SPLITS}
+    notes = [f"{split} has no regions of {', '.join(missing)}: `visiontune train` needs every class in train and "
+             "val; use more images, another --seed or larger fractions"
+             for split in ("train", "val") if (missing := [c for c in [*classes, BACKGROUND] if c not in counts[split]])]
     summary = {
         "csv": str(out / REGIONS_CSV), "classes": classes, "images": len(todo) - len(skipped),
         "images_per_split": {split: len({r[3] for r in rows if r[5] == split}) for split in SPLITS},
-        "regions": len(rows), "regions_per_split": counts, "skipped": skipped,
+        "regions": len(rows), "regions_per_split": counts, "skipped": skipped, "notes": notes,
         "options": {"iou_pos": iou_pos, "iou_neg": iou_neg, "max_negatives": max_negatives, "proposals": proposals,
                     "max_proposals": max_proposals, "size": size, "context": context},
         "proposal_cache": {"hits": cache.hits, "misses": cache.misses},
