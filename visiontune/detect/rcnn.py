@@ -87,6 +87,8 @@ class RegionFeatures:
         self.model = self.run.load_model().to(self.device)
         self.labels = self.run.labels
         self.size = options.size or self.run.preprocessing.input_size
+        if not 0 <= 2 * options.context < self.size:
+            raise UserError(f"R-CNN context {options.context} leaves nothing of a {self.size}-pixel region crop")
         self.context = options.context
         self.batch_size = options.batch_size
         self.transform = self.run.preprocessing.eval_transform()

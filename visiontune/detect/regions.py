@@ -25,7 +25,7 @@ from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.splits import SPLITS
 from visiontune.detect.annotations import load_annotations, split_detection_set
 from visiontune.detect.labelling import BACKGROUND, BACKGROUND_LABEL, crop_region, label_proposals
-from visiontune.detect.proposals import ProposalCache
+from visiontune.detect.proposals import MODES, ProposalCache
 from visiontune.detect.types import ImageTargets
 from visiontune.errors import UserError
 from visiontune.io import write_csv_atomic, write_text_atomic
@@ -62,6 +62,7 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
     started = time.perf_counter()
     if BACKGROUND in classes:
         raise UserError(f"'{BACKGROUND}' is the name of the negative regions; rename that annotation class")
+    check_region_options(iou_pos, iou_neg, max_negatives, proposals, max_proposals, size, context)
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"unknown split name(s): {', '.join(unknown)}")
@@ -114,6 +115,20 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
     }
     write_text_atomic(out / REGIONS_SUMMARY, _json(summary))
     return summary
+
+
+def check_region_options(iou_pos: float, iou_neg: float, max_negatives: int, proposals: str, max_proposals: int,
+                         size: int, context: int) -> None:
+    """One message for an option that cannot work, before any image is read."""
+    if not 0 <= iou_neg <= iou_pos <= 1:
+        raise UserError(f"need 0 <= --iou-neg <= --iou-pos <= 1 (got {iou_neg} and {iou_pos})")
+    if max_negatives < 0 or max_proposals < 1:
+        raise UserError("--max-negatives must be 0 or more and --max-proposals 1 or more")
+    if proposals not in MODES:
+        raise UserError(f"--proposals must be one of {', '.join(MODES)}, not {proposals!r}")
+    if size < 8 or not 0 <= 2 * context < size:
+        raise UserError(f"--size {size} with --context {context}: the size must be at least 8 and more than "
+                        "twice the context")
 
 
 def _unique_stem(stem: str, seen: Counter[str]) -> str:
