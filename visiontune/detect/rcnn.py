@@ -20,7 +20,7 @@ import safetensors
 import safetensors.numpy
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.metrics import average_precision_score
 from torchvision.ops import batched_nms
 
@@ -76,6 +76,12 @@ class RCNNOptions(BaseModel):
     score_floor: float = 0.01  # candidates scoring below this are background
     max_detections: int = Field(100, ge=1)
     device: str = "auto"
+
+    @field_validator("classifier_run")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        """Absolute, so that model.json finds the run from any working directory."""
+        return path.expanduser().absolute()
 
 
 class RegionFeatures:
@@ -361,11 +367,12 @@ def load_rcnn(run_dir: Path, meta: dict) -> RCNNDetector:
     against `run_dir`."""
     run_dir = Path(run_dir)
     try:
-        options = RCNNOptions.model_validate(meta["rcnn"])
+        given = dict(meta["rcnn"])
+        if not Path(given["classifier_run"]).expanduser().is_absolute():
+            given["classifier_run"] = str(run_dir / given["classifier_run"])
+        options = RCNNOptions.model_validate(given)
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{run_dir}: model.json has no valid 'rcnn' options: {first_line(exc, 300)}") from None
-    if not options.classifier_run.is_absolute():
-        options = options.model_copy(update={"classifier_run": run_dir / options.classifier_run})
     path = run_dir / WEIGHTS_FILE
     try:
         with safetensors.safe_open(str(path), framework="numpy") as handle:
