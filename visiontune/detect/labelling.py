@@ -90,7 +90,7 @@ def crop_region(image: np.ndarray | Image.Image, box: np.ndarray, size: int = 22
     by a similar mean)."""
     picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     if fill is None:
-        fill = tuple(int(round(v)) for v in np.asarray(picture).reshape(-1, 3).mean(axis=0))
+        fill = tuple(round(v) for v in np.asarray(picture).reshape(-1, 3).mean(axis=0))
     extent = tuple(float(v) for v in context_box(box, size, context))
     warped = picture.transform((size, size), Image.Transform.EXTENT, data=extent,
                                resample=Image.Resampling.BILINEAR, fillcolor=fill)

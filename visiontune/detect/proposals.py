@@ -94,7 +94,7 @@ def _spread(groups: list[np.ndarray], limit: int) -> np.ndarray:
 def _tile(width: int, height: int, w: float, h: float, overlap: float) -> np.ndarray:
     def starts(extent: float, side: float) -> np.ndarray:
         stride = max(1.0, side * (1 - overlap))
-        count = int(math.floor((extent - side) / stride)) + 1
+        count = math.floor((extent - side) / stride) + 1
         offset = (extent - side - (count - 1) * stride) / 2
         return offset + stride * np.arange(count)
 

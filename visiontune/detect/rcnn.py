@@ -102,7 +102,7 @@ class RegionFeatures:
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         picture = Image.fromarray(image)
-        fill = tuple(int(round(v)) for v in image.reshape(-1, 3).mean(axis=0))
+        fill = tuple(round(v) for v in image.reshape(-1, 3).mean(axis=0))
         features, probabilities = [], []
         with torch.inference_mode():
             for start in range(0, len(boxes), self.batch_size):
@@ -235,7 +235,7 @@ def fit_rcnn(train: list[ImageTargets], val: list[ImageTargets], classes: list[s
     summary: dict = {"train_regions": len(train_table.features),
                      "val_regions": 0 if val_table is None else len(val_table.features),
                      "skipped": train_skipped + val_skipped, "proposal_cache": {"hits": cache.hits, "misses": cache.misses}}
-    standardise = lambda table: None if table is None else (table.features - mean) / scale  # noqa: E731
+    standardise = lambda table: None if table is None else (table.features - mean) / scale
     x_train, x_val = standardise(train_table), standardise(val_table)
     if options.svm:
         summary["svm"] = _fit_svms(heads, train_table, x_train, val_table, x_val, len(classes), options)

@@ -18,13 +18,24 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.data.splits import SPLITS
 from visiontune.detect.annotations import load_annotations, split_detection_set
-from visiontune.detect.labelling import BACKGROUND, BACKGROUND_LABEL, crop_region, label_proposals
+from visiontune.detect.labelling import (
+    BACKGROUND,
+    BACKGROUND_LABEL,
+    crop_region,
+    label_proposals,
+)
 from visiontune.detect.proposals import MODES, ProposalCache
 from visiontune.detect.types import ImageTargets
 from visiontune.errors import UserError
@@ -87,7 +98,7 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
             stem = _unique_stem(Path(targets.path).stem, stems)
             labelled = label_proposals(cache.proposals(targets.path, image), targets, iou_pos, iou_neg,
                                        max_negatives)
-            fill = tuple(int(round(v)) for v in image.reshape(-1, 3).mean(axis=0))
+            fill = tuple(round(v) for v in image.reshape(-1, 3).mean(axis=0))
             for i, (box, label, iou) in enumerate(zip(labelled.boxes, labelled.labels, labelled.iou)):
                 name = BACKGROUND if label == BACKGROUND_LABEL else names[label]
                 relative = Path(CROPS_DIR) / name / f"{stem}_{i}.png"

@@ -8,7 +8,11 @@ import pytest
 from PIL import Image
 
 from visiontune.detect import proposals as proposals_module
-from visiontune.detect.proposals import ProposalCache, propose, selective_search_available
+from visiontune.detect.proposals import (
+    ProposalCache,
+    propose,
+    selective_search_available,
+)
 from visiontune.errors import UserError
 
 needs_selective_search = pytest.mark.skipif(
@@ -35,7 +39,7 @@ def test_sliding_windows_are_capped_across_every_scale():
     everything = propose(tile(), "sliding", max_proposals=10_000)
     capped = propose(tile(), "sliding", max_proposals=20)
     assert len(capped) == 20
-    sides = lambda b: set(np.round(b[:, 2] - b[:, 0]).tolist())  # noqa: E731
+    sides = lambda b: set(np.round(b[:, 2] - b[:, 0]).tolist())
     assert min(sides(capped)) == min(sides(everything)) and max(sides(capped)) == max(sides(everything))
 
 

@@ -13,7 +13,13 @@ import visiontune
 from tests.conftest import TINY_OPTIONS
 from visiontune.detect.annotations import load_annotations, split_detection_set
 from visiontune.detect.proposals import propose
-from visiontune.detect.rcnn import FIT_FILE, WEIGHTS_FILE, RCNNOptions, fit_rcnn, load_rcnn
+from visiontune.detect.rcnn import (
+    FIT_FILE,
+    WEIGHTS_FILE,
+    RCNNOptions,
+    fit_rcnn,
+    load_rcnn,
+)
 from visiontune.detect.regions import REGIONS_CSV, regions
 from visiontune.detect.synthetic import make_tiles
 from visiontune.errors import UserError
@@ -81,13 +87,13 @@ def test_classifier_scores_without_svm_or_regression(fitted):
 
 
 def test_a_run_without_the_detection_classes_is_one_message(fitted):
-    root, dataset, splits, options, _ = fitted
+    root, _, splits, options, _ = fitted
     with pytest.raises(UserError, match="lack scratch"):
         fit_rcnn(splits["train"], [], ["crack", "scratch"], root / "other", options)
 
 
 def test_damaged_weights_are_one_message(fitted, tmp_path):
-    root, _, _, options, _ = fitted
+    options = fitted[3]
     (tmp_path / WEIGHTS_FILE).write_bytes(b"\0" * 10)
     with pytest.raises(UserError, match="damaged or truncated"):
         load_rcnn(tmp_path, {"rcnn": options.model_dump(mode="json")})

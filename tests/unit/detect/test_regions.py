@@ -12,7 +12,13 @@ import pytest
 
 from visiontune.data.sources import discover
 from visiontune.detect.labelling import BACKGROUND
-from visiontune.detect.regions import PROPOSALS_DIR, REGIONS_CSV, REGIONS_SUMMARY, regions, write_regions
+from visiontune.detect.regions import (
+    PROPOSALS_DIR,
+    REGIONS_CSV,
+    REGIONS_SUMMARY,
+    regions,
+    write_regions,
+)
 from visiontune.detect.synthetic import make_tiles
 from visiontune.detect.types import ImageTargets
 from visiontune.errors import UserError
