@@ -30,6 +30,7 @@ from visiontune.cli.compare import register as register_compare
 from visiontune.cli.export import export
 from visiontune.cli.features import register as register_features
 from visiontune.cli.ood import ood_app
+from visiontune.cli.regions import regions as regions_command
 from visiontune.cli.serve import serve as serve_command
 from visiontune.cli.shift import shift
 from visiontune.cli.tune import tune as tune_command
@@ -58,6 +59,7 @@ app.command(name="serve")(serve_command)
 app.command(name="adapt")(adapt_command)
 app.command()(shift)
 app.command(name="audit")(audit_command)
+app.command(name="regions")(regions_command)
 
 
 def _help(field: str) -> str:
