@@ -34,14 +34,14 @@ TARGETS = {"train_images_per_s_bf16": 3000, "inference_images_per_s_batch_256": 
 # then also timed with it. The function is looked up by `gpu_decode_options`, ImportError -> skipped.
 USE_GPU_DECODE = False
 
-FULL = dict(model="resnet50", warmup=3, budget_s=470, jpegs=2000, jpeg_px=256, train_size=224, train_batch=256, train_steps=30,
+FULL = dict(model="resnet50", warmup=3, budget_s=440, jpegs=2000, jpeg_px=256, train_size=224, train_batch=256, train_steps=30,
             inference_batches=(1, 8, 32, 64, 128, 256), inference_size=224, inference_repeats=20,
             predict_batch=256, patchcore_images=10000, patchcore_px=128, skip_compile=False,
-            sections={"train": 150, "inference": 60, "predict": 90, "patchcore": 120, "ddp": 50})
-SMOKE = dict(model="resnet18", warmup=1, budget_s=55, jpegs=24, jpeg_px=48, train_size=32, train_batch=8, train_steps=2,
+            sections={"train": 120, "inference": 45, "predict": 90, "patchcore": 140, "ddp": 45})
+SMOKE = dict(model="resnet18", warmup=1, budget_s=55, jpegs=16, jpeg_px=32, train_size=32, train_batch=8, train_steps=1,
              inference_batches=(1, 8), inference_size=32, inference_repeats=2,
-             predict_batch=8, patchcore_images=12, patchcore_px=48, skip_compile=True,
-             sections={"train": 15, "inference": 5, "predict": 25, "patchcore": 15, "ddp": 10})
+             predict_batch=8, patchcore_images=8, patchcore_px=32, skip_compile=True,
+             sections={"train": 10, "inference": 4, "predict": 20, "patchcore": 15, "ddp": 6})
 
 
 class Clock:
@@ -279,7 +279,15 @@ def run_section(report: dict, name: str, clock: Clock, share: float, body) -> No
     except Exception as exc:
         report["sections"][name] = {"error": repr(exc)[:1000], "traceback": traceback.format_exc()[-2000:]}
     report["sections"][name]["section_s"] = time.perf_counter() - started
+    write_report(report)  # so a run killed later still leaves what it measured
     print(f"{name}: {json.dumps(report['sections'][name])[:400]}", flush=True)
+
+
+def write_report(report: dict) -> None:
+    report["targets"] = targets(report)
+    path = Path(report["path"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def targets(report: dict) -> dict:
@@ -322,7 +330,7 @@ def main() -> None:
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
-    report = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+    report = {"path": str(out), "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "torch": torch.__version__, "timm": timm.__version__, "visiontune": visiontune.__version__,
               "smoke": args.smoke, "settings": {k: v for k, v in cfg.items() if k != "sections"},
               "section_budgets_s": cfg["sections"], "sections": {}}
@@ -340,10 +348,8 @@ def main() -> None:
                     lambda _, budget: isolated("patchcore", args, work, budget))
         run_section(report, "ddp", clock, budgets["ddp"],
                     lambda end, budget: ddp_section(cfg, device, work / "jpegs", work, budget))
-    report["targets"] = targets(report)
     report["total_s"] = time.perf_counter() - clock.started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report)
     print(f"written: {out} ({report['total_s']:.0f} s)")
 
 
