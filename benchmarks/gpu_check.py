@@ -38,10 +38,10 @@ FULL = dict(model="resnet50", warmup=3, budget_s=440, jpegs=2000, jpeg_px=256, t
             inference_batches=(1, 8, 32, 64, 128, 256), inference_size=224, inference_repeats=20,
             predict_batch=256, patchcore_images=10000, patchcore_px=128, skip_compile=False,
             sections={"train": 120, "inference": 45, "predict": 90, "patchcore": 140, "ddp": 45})
-SMOKE = dict(model="resnet18", warmup=1, budget_s=30, jpegs=16, jpeg_px=32, train_size=32, train_batch=8, train_steps=1,
+SMOKE = dict(model="resnet18", warmup=1, budget_s=25, jpegs=16, jpeg_px=32, train_size=32, train_batch=8, train_steps=1,
              inference_batches=(1, 8), inference_size=32, inference_repeats=2,
              predict_batch=8, patchcore_images=8, patchcore_px=32, skip_compile=True,
-             sections={"train": 4, "inference": 2, "predict": 12, "patchcore": 10, "ddp": 2})
+             sections={"train": 3, "inference": 2, "predict": 10, "patchcore": 8, "ddp": 2})
 
 
 class Clock:
