@@ -133,9 +133,11 @@ def iter_logits(
     device: str | torch.device = "cpu",
     plan: InferencePlan | None = None,
     features: bool = False,
+    draft_size: int | None = None,
 ) -> Iterator[PredictedBatch]:
     """Logits for `paths` in order, batch by batch; `tta` averages with the horizontal flip;
-    `features` adds the penultimate features (for out-of-distribution scores).
+    `features` adds the penultimate features (for out-of-distribution scores). `draft_size`:
+    the transform's resize target, for JPEG draft decoding (`ImageFiles`; None decodes exactly).
 
     `model` is an nn.Module or a callable from tensors to logits (`OnnxModel`); without `plan`,
     one is chosen for `device` (batch size and workers as given).
@@ -145,7 +147,7 @@ def iter_logits(
         plan = plan_inference(device, batch_size=batch_size, backend=backend, workers=workers)
     model = prepare_model(model, plan)
     loader = DataLoader(
-        ImageFiles(paths, transform, max_pixels), batch_size=plan.batch_size, num_workers=plan.workers,
+        ImageFiles(paths, transform, max_pixels, draft_size=draft_size), batch_size=plan.batch_size, num_workers=plan.workers,
         collate_fn=collate_image_files, pin_memory=plan.device == "cuda",
     )
     for images, indices, bad in loader:
