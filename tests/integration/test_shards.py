@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 import visiontune
@@ -20,6 +21,7 @@ from visiontune.data.shards import Shard, marker_path, merge_csv_shards, resolve
 from visiontune.errors import UserError
 from visiontune.features.extraction import extract
 from visiontune.features.store import load_features, merge_feature_shards
+from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
 
 runner = CliRunner()
 SHARDS = [Shard(k, 3) for k in (1, 2, 3)]
@@ -134,3 +136,18 @@ def test_cli_predict_under_torchrun_writes_its_part(tiny, tmp_path, monkeypatch)
     assert "shard 2/2" in result.output and (tmp_path / "p.part-2-of-2.csv").is_file()
     assert not (tmp_path / "p.part-1-of-2.csv").exists() and not out.exists()
     assert os.environ["RANK"] == "1"
+
+
+def test_draft_decoded_jpeg_predictions_stay_within_the_stated_tolerance(tiny, tmp_path):
+    run, data, _ = tiny
+    for path in sorted(data.rglob("*_00[0-2].png")):  # 8x the size: decoded at 1/8 scale
+        with Image.open(path) as image:
+            image.resize((image.width * 8, image.height * 8), Image.BICUBIC).save(tmp_path / f"{path.stem}.jpg", quality=95)
+    paths = sorted(str(p) for p in tmp_path.glob("*.jpg"))
+    model, plan = load_for_inference(run, plan_inference("cpu", backend="torch", threads=1, workers=0))
+    exact, draft = (np.concatenate([b.logits for b in iter_logits(model, run.preprocessing.eval_transform(), paths,
+                                                                 plan=plan, draft_size=size)])
+                    for size in (None, run.preprocessing.resize_size))
+    probs = [np.exp(x) / np.exp(x).sum(1, keepdims=True) for x in (exact, draft)]
+    assert np.abs(probs[0] - probs[1]).max() < 0.02  # docs/benchmarks.md states 0.02
+    assert (exact.argmax(1) == draft.argmax(1)).all()

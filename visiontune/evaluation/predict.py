@@ -57,7 +57,8 @@ def iter_rows(
     plan = plan_inference(resolve_device(device), batch_size, precision, backend, quantize, threads, workers)
     model, plan = load_for_inference(run, plan, fallback=backend is None and quantize is None)
     batches = iter_logits(model, run.preprocessing.eval_transform(), paths, max_pixels=run.config.max_pixels,
-                          tta=tta, plan=plan, features=ood is not None, draft_size=run.preprocessing.resize_size)
+                          tta=tta, plan=plan, features=ood is not None, draft_size=run.preprocessing.resize_size,
+                          preprocessing=run.preprocessing)
     for batch in batches:
         yield from ({"path": path, "skipped": reason} for path, reason in batch.skipped)
         if not batch.paths:
