@@ -4,7 +4,7 @@ predict share for huge or distributed runs (see `visiontune.data.shards`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,10 +12,10 @@ from rich.console import Console
 stdout = Console(highlight=False, soft_wrap=True)
 Opt = typer.Option
 
-ShardSpec = Annotated[Optional[str], Opt(
+ShardSpec = Annotated[str | None, Opt(
     "--shard", help="Run only shard K of N (1-based, e.g. 2/4), written to OUT.part-K-of-N; default under "
                     "torchrun / srun: RANK+1 of WORLD_SIZE (SLURM_PROCID / SLURM_NTASKS). Join with merge-shards.")]
-FilesList = Annotated[Optional[Path], Opt(
+FilesList = Annotated[Path | None, Opt(
     "--files", help="A text file listing the images, one path a line (instead of image arguments).")]
 
 
