@@ -1,6 +1,6 @@
 """`visiontune predict`'s inference paths against the naive per-image loop, in one process.
 
-    python benchmarks/predict_vs_naive.py [--run RUN] [--md section.md] [--json out.json]
+    python benchmarks/predict_vs_naive.py [--run RUN] [--scale S] [--md section.md] [--json out.json]
 
 Without --run, a tf_efficientnet_lite0 run is trained first on hymenoptera from the shared
 weights (3 frozen epochs, about two minutes). The images are hymenoptera's val folder (153),
@@ -9,6 +9,10 @@ naive loop: from its second image), so start-up (model load, ONNX export, worker
 excluded. The naive loop is what one writes first: open, transform, `model(x[None])`, fp32 NCHW, at
 2 torch threads and at 1. Every path's val predictions are compared with the naive loop's
 (argmax agreement, largest probability difference) and scored against the folder labels.
+"+ draft" paths decode JPEGs at the smallest DCT scale covering the resize target (what
+`visiontune predict` does); hymenoptera's photos are mostly too small for it (short side
+256-383 px against a 256 px target), so `--scale 2` (or 4) first writes copies S times the size
+(JPEG quality 95), as camera-size photos would be, and every path then reads those.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import visiontune
 from visiontune.bench.benchmark import machine
@@ -30,11 +35,13 @@ from visiontune.data.images import load_rgb
 from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
 
 SHARED = Path("/work/shared")
-VARIANTS = {  # name: plan options; everything else is the automatic CPU plan
-    "torch fp32": {"backend": "torch"},
-    "torch bf16": {"precision": "bf16"},
-    "onnx fp32 (the default)": {},
-    "onnx int8 (--quantize int8)": {"quantize": "int8"},
+VARIANTS = {  # name: (plan options, draft decoding); everything else is the automatic CPU plan
+    "torch fp32": ({"backend": "torch"}, False),
+    "torch bf16": ({"precision": "bf16"}, False),
+    "onnx fp32, exact decode": ({}, False),
+    "onnx fp32 + draft (the default)": ({}, True),
+    "onnx int8 (--quantize int8)": ({"quantize": "int8"}, False),
+    "onnx int8 + draft": ({"quantize": "int8"}, True),
 }
 
 
@@ -43,6 +50,8 @@ def main() -> None:
     run = visiontune.load_run(args.run) if args.run else _train(args)
     val = sorted(str(p) for p in (args.data / "val").rglob("*.jpg"))
     truth = np.array([run.labels.index(Path(p).parent.name) for p in val])
+    if args.scale != 1:
+        val = _scaled_copies(val, args.scale, args.data)
     paths = val * args.repeat
     transform, max_pixels = run.preprocessing.eval_transform(), run.config.max_pixels
     load_before = os.getloadavg()
@@ -52,10 +61,12 @@ def main() -> None:
         torch.set_num_threads(threads)
         results[f"naive loop, {threads} thread(s)"] = _naive(run, paths, transform, max_pixels) | {
             "plan": f"per image, fp32 NCHW, {threads} thread(s), no workers"}
-    for name, options in VARIANTS.items():
+    for name, (options, draft) in VARIANTS.items():
         plan = plan_inference("cpu", threads=args.threads, workers=args.workers, **options)
         model, plan = load_for_inference(run, plan)  # exports (and calibrates) outside the timing
-        results[name] = _planned(model, plan, paths, transform, max_pixels) | {"plan": plan.describe()}
+        draft_size = run.preprocessing.resize_size if draft else None
+        results[name] = _planned(model, plan, paths, transform, max_pixels, draft_size) | {
+            "plan": plan.describe() + (", draft decode" if draft else "")}
     load_after = os.getloadavg()
 
     reference, single = results["naive loop, 2 thread(s)"], results["naive loop, 1 thread(s)"]
@@ -87,15 +98,30 @@ def _naive(run, paths, transform, max_pixels) -> dict:
     return {"images_per_s": (len(paths) - 1) / seconds, "logits": np.array(logits)}
 
 
-def _planned(model, plan, paths, transform, max_pixels) -> dict:
+def _planned(model, plan, paths, transform, max_pixels, draft_size) -> dict:
     logits, counted, start = [], 0, None
-    for batch in iter_logits(model, transform, paths, max_pixels=max_pixels, plan=plan):
+    for batch in iter_logits(model, transform, paths, max_pixels=max_pixels, plan=plan, draft_size=draft_size):
         logits.append(batch.logits)
         if start is None:
             start = time.perf_counter()  # the first batch carries the start-up
         else:
             counted += len(batch.paths)
     return {"images_per_s": counted / (time.perf_counter() - start), "logits": np.concatenate(logits)}
+
+
+def _scaled_copies(paths: list[str], scale: float, data: Path) -> list[str]:
+    """Copies `scale` times the size (bicubic, JPEG quality 95) under a cache folder, made once."""
+    folder = Path("runs") / f"bench-predict-scaled-x{scale:g}"
+    copies = []
+    for path in paths:
+        target = folder / Path(path).relative_to(data)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image = load_rgb(path, 10**9)
+            image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC).save(
+                target, quality=95)
+        copies.append(str(target))
+    return copies
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -114,11 +140,12 @@ def _markdown(args, run, results, load_before, load_after, n_images) -> str:
 
     info = machine()
     lines = [
-        "## Fast inference: predict paths vs the naive per-image loop (issue #5)", "",
-        f"`python benchmarks/predict_vs_naive.py{' --run RUN' if args.run else ''} --repeat {args.repeat}` on "
+        "## Fast inference: predict paths vs the naive per-image loop (issues #5, 19)", "",
+        f"`python benchmarks/predict_vs_naive.py{' --run RUN' if args.run else ''} --repeat {args.repeat}"
+        f"{f' --scale {args.scale:g}' if args.scale != 1 else ''}` on "
         f"{info['cpu']}, {info['cores']} cores ({platform.python_version()}, torch {info['torch']}, onnxruntime "
         f"{onnxruntime.__version__}); model `{run.metadata['model']}` trained on hymenoptera with the shared "
-        f"weights; {n_images} images (val x {args.repeat}); marginal throughput (start-up excluded). "
+        f"weights; {n_images} images (val x {args.repeat}{f', copies {args.scale:g}x the size' if args.scale != 1 else ''}); marginal throughput (start-up excluded). "
         f"Load average before {_fmt(load_before)}, after {_fmt(load_after)}"
         + (" (before: busy, other processes were running)." if load_before[0] > 0.5 else " (quiet before the run)."), "",
         ("| path | plan | images/s | vs naive, 2 threads | vs naive, 1 thread | argmax agreement with naive "
@@ -142,6 +169,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-predict-lite0"), help="Where to train the run.")
     parser.add_argument("--repeat", type=int, default=1, help="Times the val folder is listed.")
+    parser.add_argument("--scale", type=float, default=1, help="Read copies this many times the size (JPEG q95).")
     parser.add_argument("--threads", type=int, help="Threads for the planned paths (default: the free cores).")
     parser.add_argument("--workers", type=int, help="Decode workers for the planned paths (default: from free cores).")
     parser.add_argument("--md", type=Path, help="Also write the markdown section to this file.")

@@ -7,6 +7,7 @@ directory holds another kind of artifact.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from visiontune.errors import UserError
@@ -55,7 +56,9 @@ def load_run(directory: str | Path) -> Run:
 
 
 def _as_list(paths) -> list:
-    """One path or many, as a list."""
-    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+    """One path or many, as a list (a sequence, e.g. a packed PathList, as it is)."""
+    if isinstance(paths, (str, Path)):
+        return [paths]
+    return paths if isinstance(paths, Sequence) else list(paths)
 
 

@@ -189,7 +189,8 @@ class AnomalyModel:
         return score_range(parts)
 
     def _loader(self, paths: Sequence[Path]) -> DataLoader:
-        dataset = ImageFiles(paths, anomaly_transform(self.preprocessing), self.max_pixels)
+        dataset = ImageFiles(paths, anomaly_transform(self.preprocessing), self.max_pixels,
+                             draft_size=self.preprocessing.input_size)  # the transform resizes to it
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                           collate_fn=collate_image_files, pin_memory=self.device.type == "cuda")
 

@@ -25,7 +25,8 @@ from visiontune.anomaly.evaluation import evaluate_model
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import default_workers
 from visiontune.data.images import ImageLoadError, load_rgb
-from visiontune.data.paths import expand_image_paths
+from visiontune.data.paths import PathList, expand_image_paths
+from visiontune.data.shards import Shard, run_shard
 from visiontune.data.transforms import Preprocessing
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
@@ -96,19 +97,39 @@ def load(directory: str | Path, *, device: str = "auto", batch_size: int = 16, w
 
 
 def predict(model: str | Path | AnomalyModel, paths: Sequence[str | Path], *, out: str | Path | None = None,
-            heatmaps: str | Path | None = None, **load_options) -> list[dict]:
+            heatmaps: str | Path | None = None, shard: Shard | None = None, **load_options) -> list[dict]:
     """One row per input image (folders are searched): score, decision at the saved threshold, and
-    the heat-map file when `heatmaps` is a folder; unreadable files are rows with their reason."""
+    the heat-map file when `heatmaps` is a folder; unreadable files are rows with their reason.
+
+    With a `shard`, only its contiguous share of the inputs is scored, into its part file beside
+    `out` (`visiontune.data.shards`; `merge_csv_shards` joins them); heat maps keep the numbers
+    of an unsharded run. A shard found complete returns no rows.
+    """
     model = model if isinstance(model, AnomalyModel) else load(model, **load_options)
-    files = [Path(p) for p in expand_image_paths(paths)]
+    files = PathList.of(expand_image_paths(paths if isinstance(paths, PathList) else [str(p) for p in paths]))
     heat_dir = Path(heatmaps) if heatmaps is not None else None
+    if shard is None:
+        return _predict_rows(model, files, out, heat_dir, 0)
+    if out is None:
+        raise UserError("--shard needs --out: each shard writes its part beside it")
+    rows: list[dict] = []
+    start = shard.bounds(len(files))[0]
+    run_shard(Path(out), files, shard,
+              lambda mine, part: rows.extend(_predict_rows(model, mine, part, heat_dir, start)))
+    return rows
+
+
+def _predict_rows(model: AnomalyModel, files: Sequence[str], out: str | Path | None, heat_dir: Path | None,
+                  first_number: int) -> list[dict]:
+    """Rows of `files` in order, written to `out` when given; heat maps numbered from `first_number`."""
     rows: dict[str, dict] = {}
-    for part in model.score_batches(files):
+    position = {path: first_number + i for i, path in enumerate(files)} if heat_dir is not None else {}
+    for part in model.score_batches(files) if len(files) else ():
         for path, score, anomaly_map in zip(part.paths, part.scores, part.maps):
             decision = "anomalous" if score >= model.threshold_ else GOOD
             row = {"path": str(path), "score": float(score), "decision": decision, "threshold": model.threshold_}
             if heat_dir is not None:
-                row.update(_write_heatmap(model, path, anomaly_map, heat_dir, len(rows)))
+                row.update(_write_heatmap(model, Path(path), anomaly_map, heat_dir, position[path]))
             rows[str(path)] = row
         for skipped in part.skipped:
             rows[skipped.path] = {"path": skipped.path, "decision": "skipped", "reason": skipped.reason}

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from visiontune.cli import shards
+from visiontune.cli.shards import FilesList, ShardSpec
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.errors import UserError, require_some_read
 
@@ -96,8 +98,10 @@ def fit(
 @anomaly_app.command()
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="A model directory written by `anomaly fit`.")],
-    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
     out: Annotated[Path, Opt(help="CSV of path, score, decision, threshold, heatmap, reason.")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Images or folders of images.")] = None,
+    files: FilesList = None,
+    shard: ShardSpec = None,
     heatmaps: Annotated[Optional[Path], Opt(help="Folder for heat-map overlays.")] = None,
     batch_size: BatchSize = 16,
     workers: Workers = None,
@@ -110,8 +114,14 @@ def predict(
     reuse_freed_memory()  # this process ends with the command
 
     with _user_errors():
-        rows = anomaly.predict(model_dir, paths, out=out, heatmaps=heatmaps, batch_size=batch_size,
-                               workers=workers, device=device)
+        chosen = shards.resolve(shard)
+        images = paths if paths and files is None else shards.inputs(paths, files)  # folders: once the model loads
+        rows = anomaly.predict(model_dir, images, out=out, heatmaps=heatmaps,
+                               batch_size=batch_size, workers=workers, device=device, shard=chosen)
+    if chosen is not None:
+        shards.print_part(chosen, chosen.part_path(out), not rows, out)
+        if not rows:
+            return
     skipped = [{"path": r["path"], "reason": r["reason"]} for r in rows if r["decision"] == "skipped"]
     _print_skipped(skipped)
     with _user_errors():

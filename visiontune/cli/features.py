@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
+from visiontune.cli import shards
+from visiontune.cli.shards import FilesList, ShardSpec
 from visiontune.config import TrainConfig
 
 stdout = Console(highlight=False, soft_wrap=True)
@@ -16,6 +18,8 @@ Opt = typer.Option
 SPLIT_DEFAULTS = {name: TrainConfig.model_fields[name].default for name in ("val_fraction", "test_fraction", "seed")}
 
 Data = Annotated[str, typer.Argument(help="Image folder, split folder or CSV file (split as `train` splits it).")]
+OptionalData = Annotated[Optional[str], typer.Argument(
+    help="Image folder, split folder or CSV file (split as `train` splits it); or --files LIST.")]
 Model = Annotated[str | None, Opt(help="timm backbone name.")]
 RunDir = Annotated[Path | None, Opt("--run", help="A trained run directory instead of --model: its fine-tuned backbone.")]
 Layers = Annotated[str | None, Opt(help="Comma-separated layer names, e.g. layer3,layer4 [default: the last].")]
@@ -36,8 +40,10 @@ Device = Annotated[str, Opt(help="auto | cpu | cuda")]
 
 
 def features(
-    data: Data,
     out: Annotated[Path, Opt(help="Output file: .npz or .safetensors.")],
+    data: OptionalData = None,
+    files: FilesList = None,
+    shard: ShardSpec = None,
     model: Model = None,
     run: RunDir = None,
     layers: Layers = None,
@@ -59,13 +65,19 @@ def features(
     """Write frozen features of intermediate layers with paths, labels and splits."""
     from visiontune.features.extraction import extract
 
+    chosen = shards.resolve(shard)
     result = extract(
-        data, out=out, model=model, run=run, layers=layers.split(",") if layers else None, pool=pool, weights=weights,
+        data if files is None and data is not None else shards.inputs([data] if data else None, files), out=out,
+        shard=chosen, model=model, run=run, layers=layers.split(",") if layers else None, pool=pool, weights=weights,
         pretrained=pretrained, image_size=image_size, project_dim=project_dim, projection=projection,
         label_regex=label_regex, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         batch_size=batch_size, workers=workers, threads=threads, device=device,
     )
     _print_skipped(result["skipped"])
+    if chosen is not None:
+        shards.print_part(chosen, Path(result["out"]), result["shard_complete"], out)
+        if result["shard_complete"] or not result["images"]:
+            return
     shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in result["arrays"].items())
     stdout.print(f"{result['images']} images ({', '.join(result['layers'])}): {shapes} written to {result['out']} "
                  f"in {result['timings']['total_s']:.1f} s", markup=False)

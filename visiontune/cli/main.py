@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import visiontune
+from visiontune.cli import shards
 from visiontune.cli.adapt import adapt as adapt_command
 from visiontune.cli.anomaly import anomaly_app
 from visiontune.cli.audit import audit as audit_command
@@ -32,6 +33,7 @@ from visiontune.cli.features import register as register_features
 from visiontune.cli.ood import ood_app
 from visiontune.cli.regions import regions as regions_command
 from visiontune.cli.serve import serve as serve_command
+from visiontune.cli.shards import FilesList, ShardSpec
 from visiontune.cli.shift import shift
 from visiontune.cli.tune import tune as tune_command
 from visiontune.config import LAUNCH_OPTIONS, TrainConfig, build_config
@@ -60,6 +62,7 @@ app.command(name="adapt")(adapt_command)
 app.command()(shift)
 app.command(name="audit")(audit_command)
 app.command(name="regions")(regions_command)
+shards.register(app)  # merge-shards
 
 
 def _help(field: str) -> str:
@@ -228,8 +231,10 @@ def evaluate(
 @app.command()
 def predict(
     run_dir: RunArg,
-    paths: Annotated[list[str], typer.Argument(help="Image files or folders (searched recursively).")],
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Image files or folders (searched recursively).")] = None,
     out: Annotated[Path, Opt(help="Output file: .csv or .jsonl.")] = Path("predictions.csv"),
+    files: FilesList = None,
+    shard: ShardSpec = None,
     top_k: Annotated[int, Opt(help="Also list the k most likely classes.")] = 1,
     tta: Annotated[bool, Opt("--tta", help="Average with the horizontally flipped image.")] = False,
     batch_size: BatchSize = None,
@@ -240,11 +245,16 @@ def predict(
     quantize: Quantize = None,
 ) -> None:
     """Label images with a trained run; unreadable files are listed, never fatal."""
-
+    chosen = shards.resolve(shard)
     result = visiontune.load_run(run_dir).predict(
-        paths, out=out, top_k=top_k, tta=tta, batch_size=batch_size, workers=workers, device=device,
-        backend=backend, precision=precision, quantize=quantize,
+        shards.inputs(paths, files), out=out, top_k=top_k, tta=tta, batch_size=batch_size, workers=workers,
+        device=device, backend=backend, precision=precision, quantize=quantize, shard=chosen,
     )
+    if result.shard is not None:
+        shards.print_part(chosen, result.shard.part, result.shard.skipped_existing, out)
+        if result.shard.skipped_existing or result.shard.inputs == 0:
+            return
+        out = result.shard.part
     stdout.print(f"{result.written} prediction(s) written to {out}")
     if result.skipped:
         err.print(f"[yellow]{len(result.skipped)} file(s) skipped[/yellow] (also in {out.with_name(out.stem + '.skipped.csv')}):")

@@ -11,14 +11,17 @@ from torch.utils.data import Dataset, default_collate
 
 from visiontune.data.cache import DecodedImageCache
 from visiontune.data.images import ImageLoadError, load_rgb
+from visiontune.data.paths import PathList
 from visiontune.data.samples import Sample
 
 log = logging.getLogger(__name__)
 
 
-def load_image(path: str | os.PathLike, max_pixels: int, cache: DecodedImageCache | None):
-    """A PIL image, or with a cache the resized uint8 tensor; ImageLoadError either way."""
-    return cache.load(path, max_pixels) if cache is not None else load_rgb(path, max_pixels)
+def load_image(path: str | os.PathLike, max_pixels: int, cache: DecodedImageCache | None,
+               draft_size: int | None = None):
+    """A PIL image, or with a cache the resized uint8 tensor; ImageLoadError either way.
+    `draft_size`: see `load_rgb` (JPEGs decoded at the smallest DCT scale covering it)."""
+    return cache.load(path, max_pixels) if cache is not None else load_rgb(path, max_pixels, draft_size)
 
 
 class TransformError(RuntimeError):
@@ -69,7 +72,11 @@ def collate_skipping_none(batch: list) -> tuple[torch.Tensor, torch.Tensor] | No
 
 
 class ImageFiles(Dataset):
-    """Unlabelled files for inference: items (image, index, None), or (None, index, reason)."""
+    """Unlabelled files for inference: items (image, index, None), or (None, index, reason).
+
+    `draft_size`, for transforms that resize the shorter side (or both) down to it anyway: JPEGs
+    are decoded at the smallest DCT scale (1/2, 1/4, 1/8) still covering it (`load_rgb`).
+    """
 
     def __init__(
         self,
@@ -77,15 +84,19 @@ class ImageFiles(Dataset):
         transform: Callable,
         max_pixels: int,
         cache: DecodedImageCache | None = None,
+        draft_size: int | None = None,
     ) -> None:
-        self.paths, self.transform, self.max_pixels, self.cache = list(paths), transform, max_pixels, cache
+        self.draft_size = draft_size
+        self.paths = paths if isinstance(paths, PathList) else list(paths)  # a PathList stays packed
+        self.transform, self.max_pixels, self.cache = transform, max_pixels, cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         try:
-            return self.transform(load_image(self.paths[index], self.max_pixels, self.cache)), index, None
+            image = load_image(self.paths[index], self.max_pixels, self.cache, self.draft_size)
+            return self.transform(image), index, None
         except ImageLoadError as exc:
             return None, index, str(exc)
 

@@ -4,7 +4,8 @@ Rows are written as batches finish, so memory stays flat however many images the
 runs with a saved threshold (`evaluate --target-recall`) decide with it, on the uncalibrated
 probabilities it was chosen on; a fitted temperature (`evaluate --temperature`) scales the
 probabilities reported. A run with fitted OOD scorers (`visiontune ood fit`, or the end of `train`)
-adds `ood_score` and `ood` to every row.
+adds `ood_score` and `ood` to every row. With a `shard`, one part of the inputs is written
+beside `out` (`visiontune.data.shards`), to be joined by `merge_csv_shards`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.data.paths import expand_image_paths
+from visiontune.data.paths import PathList, expand_image_paths
+from visiontune.data.shards import Shard, ShardRun, run_shard
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
 from visiontune.inference.engine import iter_logits, load_for_inference, plan_inference
@@ -34,6 +36,7 @@ class Predictions:
     rows: list[dict] = field(default_factory=list)  # empty when streamed to a file
     written: int = 0
     skipped: list[dict] = field(default_factory=list)
+    shard: ShardRun | None = None  # what a sharded run did (skipped_existing: it was complete)
 
 
 def iter_rows(
@@ -54,7 +57,8 @@ def iter_rows(
     plan = plan_inference(resolve_device(device), batch_size, precision, backend, quantize, threads, workers)
     model, plan = load_for_inference(run, plan, fallback=backend is None and quantize is None)
     batches = iter_logits(model, run.preprocessing.eval_transform(), paths, max_pixels=run.config.max_pixels,
-                          tta=tta, plan=plan, features=ood is not None)
+                          tta=tta, plan=plan, features=ood is not None, draft_size=run.preprocessing.resize_size,
+                          preprocessing=run.preprocessing)
     for batch in batches:
         yield from ({"path": path, "skipped": reason} for path, reason in batch.skipped)
         if not batch.paths:
@@ -90,17 +94,42 @@ def prediction_row(p: np.ndarray, raw: np.ndarray, labels: list[str], top_k: int
 
 
 def predict(
-    run: ClassifierRun, inputs: Sequence[str], out: str | Path | None = None, **options
+    run: ClassifierRun, inputs: Sequence[str], out: str | Path | None = None, shard: Shard | None = None, **options
 ) -> Predictions:
-    """Predict `inputs` (files or folders); with `out`, rows stream to that .csv / .jsonl file."""
+    """Predict `inputs` (files or folders, or a `PathList`); with `out`, rows stream to that .csv /
+    .jsonl file; with a `shard`, only its share of the inputs, to its part file beside `out`."""
     result = Predictions()
     if out is None:
+        if shard is not None:
+            raise UserError("--shard needs --out: each shard writes its part beside it")
         for row in iter_rows(run, inputs, **options):
             (result.skipped if "skipped" in row else result.rows).append(row)
         return result
     out = Path(out)
     if out.suffix not in FORMATS:
         raise UserError(f"--out must end in {' or '.join(FORMATS)}, not {out.name!r}")
+    if shard is None:
+        return _predict_to(run, inputs, out, result, options)
+
+    def write_part(paths: Sequence[str], part: Path) -> None:
+        if len(paths):
+            _predict_to(run, paths, part, result, options)
+        else:  # more shards than images: an empty part
+            atomic_write(part, lambda tmp: None)
+
+    result.shard = run_shard(out, PathList.of(expand_image_paths(inputs)), shard, write_part,
+                             extra_files=lambda part: [skipped_path(part)])
+    return result
+
+
+def skipped_path(out: Path) -> Path:
+    """Where the unreadable files of a predictions file are listed."""
+    return out.with_name(out.stem + ".skipped.csv")
+
+
+def _predict_to(run: ClassifierRun, inputs: Sequence[str], out: Path, result: Predictions, options: dict
+                ) -> Predictions:
+    """Stream the rows of `inputs` to `out` atomically, counting into `result`."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
@@ -118,8 +147,7 @@ def predict(
 
     atomic_write(out, write)
     if result.skipped:
-        skipped_path = out.with_name(out.stem + ".skipped.csv")
-        write_csv_atomic(skipped_path, ["path", "skipped"], result.skipped)
+        write_csv_atomic(skipped_path(out), ["path", "skipped"], result.skipped)
     return result
 
 

@@ -1,4 +1,8 @@
-"""`visiontune features`: frozen features of image files written to one .npz / .safetensors file."""
+"""`visiontune features`: frozen features of image files written to one .npz / .safetensors file.
+
+With a `shard`, one contiguous share of the inputs goes to its part file beside `out`
+(`visiontune.data.shards`); `features.store.merge_feature_shards` joins the parts.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ import torch
 
 from visiontune.config import TrainConfig
 from visiontune.data.dataset import default_workers
-from visiontune.data.paths import expand_image_paths
+from visiontune.data.paths import PathList, expand_image_paths
+from visiontune.data.shards import Shard, run_shard
 from visiontune.data.sources import discover
 from visiontune.data.transforms import Preprocessing
 from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
 from visiontune.features.projection import fit_projection, project_chunks
 from visiontune.features.store import check_out_path, save_features, temporary_rows
+from visiontune.io import atomic_write
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.models.extractor import (
     POOLS,
@@ -39,10 +45,13 @@ SPLIT_DEFAULTS = {name: TrainConfig.model_fields[name].default
 class Inputs:
     """What to extract: files with their class index (-1 unlabelled) and split ("" unsplit)."""
 
-    paths: list[str]
+    paths: Sequence[str]
     labels: np.ndarray
     classes: list[str]
-    splits: list[str]
+    splits: Sequence[str]
+
+    def rows(self, start: int, stop: int) -> Inputs:
+        return Inputs(self.paths[start:stop], self.labels[start:stop], self.classes, self.splits[start:stop])
 
 
 def list_inputs(data, label_regex: str | None = SPLIT_DEFAULTS["label_regex"],
@@ -56,7 +65,7 @@ def list_inputs(data, label_regex: str | None = SPLIT_DEFAULTS["label_regex"],
         index = {label: i for i, label in enumerate(classes)}
         return Inputs([s.path for s in samples], np.array([index[s.label] for s in samples], dtype=np.int64),
                       classes, [s.split for s in samples])
-    paths = expand_image_paths(list(data))
+    paths = PathList.of(expand_image_paths(data if isinstance(data, PathList) else list(data)))
     return Inputs(paths, np.full(len(paths), -1, dtype=np.int64), [], [""] * len(paths))
 
 
@@ -94,13 +103,14 @@ def extract(data, *, out: str | Path, model: str | None = None, run: str | Path 
             val_fraction: float = SPLIT_DEFAULTS["val_fraction"],
             test_fraction: float = SPLIT_DEFAULTS["test_fraction"], seed: int = SPLIT_DEFAULTS["seed"],
             batch_size: int = 32, workers: int | None = None, threads: int | None = None, device: str = "auto",
-            max_pixels: int = SPLIT_DEFAULTS["max_pixels"]) -> dict:
+            max_pixels: int = SPLIT_DEFAULTS["max_pixels"], shard: Shard | None = None) -> dict:
     """Features of every image in `data` (a data source, split as `train` splits it, or a list of
     files and folders) written to `out` (.npz or .safetensors) with paths, labels and splits.
 
     `pool` avg / max gives one `features` array [N, sum of channels over layers]; `none` gives one
     `features.<layer>` grid [N, H, W, C] per layer. `project_dim` reduces pooled features with a
-    seeded random projection or a PCA fitted on the training rows. Returns what was written.
+    seeded random projection or a PCA fitted on the training rows. Returns what was written; with
+    a `shard`, its part is written (or found complete: "shard_complete") instead of `out`.
     """
     started = time.perf_counter()
     out = check_out_path(out)
@@ -108,16 +118,39 @@ def extract(data, *, out: str | Path, model: str | None = None, run: str | Path 
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
     if project_dim is not None and pool == "none":
         raise UserError("--project-dim needs pooled features (--pool avg or max)")
+    if shard is not None and project_dim is not None:
+        raise UserError("--project-dim cannot be sharded (a PCA is fitted on all rows); extract without it")
     inputs = list_inputs(data, label_regex, val_fraction, test_fraction, seed)
     extractor, preprocessing = build_extractor(model, run, layers, weights, pretrained, image_size, seed)
     torch_device, workers = plan_extraction(device, threads, workers)
     load_s = time.perf_counter() - started
+    options = dict(pool=pool, batch_size=batch_size, workers=workers, device=torch_device, max_pixels=max_pixels,
+                   project_dim=project_dim, projection=projection, seed=seed, run=run)
+    if shard is None:
+        return _extract(inputs, out, extractor, preprocessing, started, load_s, **options)
+    result = {"out": str(shard.part_path(out)), "images": 0, "arrays": {}, "skipped": [], "layers": extractor.layers,
+              "workers": workers, "timings": {"setup_s": round(load_s, 3), "features_s": 0.0, "total_s": 0.0}}
 
+    def write_part(paths: Sequence[str], part: Path) -> None:
+        if len(paths):
+            result.update(_extract(inputs.rows(*shard.bounds(len(inputs.paths))), part, extractor, preprocessing,
+                                   started, load_s, **options))
+        else:  # more shards than images: an empty part
+            atomic_write(part, lambda tmp: None)
+
+    done = run_shard(out, inputs.paths, shard, write_part)
+    return {**result, "shard": str(shard), "shard_complete": done.skipped_existing}
+
+
+def _extract(inputs: Inputs, out: Path, extractor: FeatureExtractor, preprocessing: Preprocessing, started: float,
+             load_s: float, *, pool: str, batch_size: int, workers: int, device: torch.device, max_pixels: int,
+             project_dim: int | None, projection: str, seed: int, run) -> dict:
+    """One feature pass over `inputs`, written to `out`; see `extract`."""
     folder, rows = temporary_rows(out, len(inputs.paths))
     with folder:
         kept, skipped = [], []
         batches = iter_features(extractor, preprocessing.eval_transform(), inputs.paths, pool, batch_size,
-                                workers, torch_device, max_pixels)
+                                workers, device, max_pixels, draft_size=preprocessing.resize_size)
         for batch in batches:
             rows.append(batch.arrays)
             kept += batch.indices

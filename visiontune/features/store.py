@@ -3,7 +3,8 @@
 Memory stays bounded by one batch however many images there are: rows go straight to an
 `np.memmap` next to the output, and the final file is copied from it in chunks. The format
 follows the `--out` suffix: `.npz` (numpy) or `.safetensors` (paths, classes and splits in its
-string metadata). `load_features` reads either back.
+string metadata). `load_features` reads either back; `merge_feature_shards` joins the parts of a
+sharded `visiontune features` run into the file an unsharded run writes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
+from visiontune.data.shards import finished_parts
 from visiontune.errors import UserError
 from visiontune.io import atomic_write
 
@@ -124,3 +126,32 @@ def _write_safetensors(path: str, arrays: dict[str, np.ndarray], metadata: dict[
         handle.write(struct.pack("<Q", len(encoded)) + encoded)
         for array in arrays.values():
             handle.writelines(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False).tobytes() for chunk in _chunks(array))
+
+
+def merge_feature_shards(out: str | Path) -> dict:
+    """Join the finished parts of `out` (one per shard, in shard order) into `out`, one part in
+    memory at a time: the rows, paths, labels and splits of an unsharded run, its skipped files."""
+    out = check_out_path(out)
+    parts = [(part, info) for part, info in finished_parts(out) if part.stat().st_size]  # empty: no inputs
+    if not parts:
+        raise UserError(f"the shards of {out} hold no images")
+    folder, rows = temporary_rows(out, sum(info["inputs"] for _, info in parts))
+    paths, labels, splits, skipped, meta, classes = [], [], [], [], None, None
+    with folder:
+        for part, _ in parts:
+            loaded = load_features(part)
+            paths += loaded.pop("paths")
+            splits += loaded.pop("splits")
+            labels.append(loaded.pop("labels"))
+            part_meta, part_classes = loaded.pop("meta"), loaded.pop("classes")
+            if meta is not None and (part_classes != classes or _setup(part_meta) != _setup(meta)):
+                raise UserError(f"{part} was extracted with other settings than the first part; run it again")
+            meta, classes = meta or part_meta, part_classes
+            skipped += part_meta.get("skipped", [])
+            rows.append(loaded)
+        save_features(out, rows.filled(), paths, np.concatenate(labels), classes, splits, {**meta, "skipped": skipped})
+    return {"out": str(out), "parts": len(parts), "rows": len(paths), "skipped": len(skipped)}
+
+
+def _setup(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "skipped"}

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import ImageFiles, collate_image_files, default_workers
+from visiontune.data.jpeg_batches import iter_jpeg_batches
+from visiontune.data.transforms import Preprocessing
 from visiontune.devices import plan_cpu
 from visiontune.errors import UserError
 from visiontune.inference.onnx import OnnxModel, export_run
@@ -133,9 +135,14 @@ def iter_logits(
     device: str | torch.device = "cpu",
     plan: InferencePlan | None = None,
     features: bool = False,
+    draft_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Iterator[PredictedBatch]:
     """Logits for `paths` in order, batch by batch; `tta` averages with the horizontal flip;
-    `features` adds the penultimate features (for out-of-distribution scores).
+    `features` adds the penultimate features (for out-of-distribution scores). `draft_size`:
+    the transform's resize target, for JPEG draft decoding (`ImageFiles`; None decodes exactly).
+    With `preprocessing` (the transform's own) on CUDA, JPEGs are decoded, resized and normalised
+    on the GPU (`data.jpeg_batches`, untested on a GPU) and `transform` is not used.
 
     `model` is an nn.Module or a callable from tensors to logits (`OnnxModel`); without `plan`,
     one is chosen for `device` (batch size and workers as given).
@@ -144,10 +151,16 @@ def iter_logits(
         backend = "torch" if isinstance(model, torch.nn.Module) else "onnx"
         plan = plan_inference(device, batch_size=batch_size, backend=backend, workers=workers)
     model = prepare_model(model, plan)
-    loader = DataLoader(
-        ImageFiles(paths, transform, max_pixels), batch_size=plan.batch_size, num_workers=plan.workers,
-        collate_fn=collate_image_files, pin_memory=plan.device == "cuda",
-    )
+    if plan.device == "cuda" and preprocessing is not None:
+        normalize = preprocessing.normalizer()
+        loader = ((None if images is None else normalize(images), indices, bad) for images, indices, bad in
+                  iter_jpeg_batches(paths, preprocessing.eval_transform(normalize=False), max_pixels,
+                                    plan.batch_size, plan.workers, plan.device))
+    else:
+        loader = DataLoader(
+            ImageFiles(paths, transform, max_pixels, draft_size=draft_size), batch_size=plan.batch_size,
+            num_workers=plan.workers, collate_fn=collate_image_files, pin_memory=plan.device == "cuda",
+        )
     for images, indices, bad in loader:
         kept, skipped = [paths[i] for i in indices], [(paths[i], r) for i, r in bad]
         if images is None:

@@ -161,14 +161,16 @@ def pool_maps(maps: Sequence[torch.Tensor], layers: Sequence[str], pool: str) ->
 
 def iter_features(extractor: FeatureExtractor, transform, paths: Sequence[str], pool: str, batch_size: int = 32,
                   workers: int = 0, device: torch.device | str = "cpu",
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[FeatureBatch]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Iterator[FeatureBatch]:
     """Features of `paths` batch by batch (decoded in loader workers); unreadable files come out
-    as skipped instead of stopping the stream, so memory does not grow with the number of images."""
+    as skipped instead of stopping the stream, so memory does not grow with the number of images.
+    `draft_size`: the transform's resize target, for JPEG draft decoding (`ImageFiles`)."""
     if pool not in POOLS:
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
     device = torch.device(device)
     network = extractor.to(device).folded()
-    loader = DataLoader(ImageFiles(paths, transform, max_pixels), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(ImageFiles(paths, transform, max_pixels, draft_size=draft_size), batch_size=batch_size,
+                        num_workers=workers,
                         collate_fn=collate_image_files, pin_memory=device.type == "cuda")
     with torch.inference_mode():
         for images, indices, skipped in loader:
