@@ -30,9 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGETS = {"train_images_per_s_bf16": 3000, "inference_images_per_s_batch_256": 10000,
            "predict_images_per_s": 3000}
-# Set to True (or pass --gpu-decode) once GPU JPEG decoding lands from the shard branch: predict is
-# then also timed with it. The function is looked up by `gpu_decode_options`, ImportError -> skipped.
-USE_GPU_DECODE = False
 
 FULL = dict(model="resnet50", warmup=3, budget_s=440, jpegs=2000, jpeg_px=256, train_size=224, train_batch=256, train_steps=30,
             inference_batches=(1, 8, 32, 64, 128, 256), inference_size=224, inference_repeats=20,
@@ -174,18 +171,11 @@ def inference_section(cfg: dict, device: torch.device, deadline: float) -> dict:
     return result
 
 
-def gpu_decode_options() -> dict:
-    """predict options that switch GPU JPEG decoding on, once the shard branch provides it.
-    ImportError (not there yet) is recorded as a skip by the caller."""
-    from visiontune.inference import gpu_decode  # noqa: F401  # the module the shard branch is expected to add
-
-    return {"decode": "gpu"}
-
-
-def predict_section(cfg: dict, device: torch.device, data: Path, paths: list[Path], work: Path,
-                    use_gpu_decode: bool) -> dict:
+def predict_section(cfg: dict, device: torch.device, data: Path, paths: list[Path], work: Path) -> dict:
     """End-to-end `predict` (files in, rows out) with a run made by one tiny epoch of a random-init
-    ResNet-50 (visiontune.fit), timed on the JPEGs after one warm-up pass over a few of them."""
+    ResNet-50 (visiontune.fit), timed on the JPEGs after one warm-up pass over a few of them. On
+    CUDA, predict decodes the JPEGs on the GPU itself (`data.jpeg_batches`); the decode stage alone
+    (`iter_jpeg_batches`, no model) is timed too, to show whether decoding is the cap."""
     import visiontune
 
     started = time.perf_counter()
@@ -193,22 +183,29 @@ def predict_section(cfg: dict, device: torch.device, data: Path, paths: list[Pat
                          batch_size=cfg["train_batch"], out=str(work / "run"), report=False,
                          device=device.type, progress=False)
     result = {"make_run_s": time.perf_counter() - started}
-    variants = [("cpu_decode", {})]
-    if use_gpu_decode:
-        try:
-            variants.append(("gpu_decode", gpu_decode_options()))
-        except ImportError as exc:
-            result["gpu_decode"] = {"skipped": f"not available: {exc}"}
-    for name, options in variants:
-        run.predict([str(p) for p in paths[:cfg["predict_batch"]]], device=device.type,
-                    batch_size=cfg["predict_batch"], **options)
-        started = time.perf_counter()
-        predicted = run.predict([str(p) for p in paths], device=device.type, batch_size=cfg["predict_batch"],
-                                **options)
-        elapsed = time.perf_counter() - started
-        result[name] = {"images_per_s": len(predicted.rows) / elapsed, "images": len(predicted.rows),
-                        "skipped": len(predicted.skipped), "seconds": elapsed}
+    name = "gpu_decode" if device.type == "cuda" else "cpu_decode"
+    run.predict([str(p) for p in paths[:cfg["predict_batch"]]], device=device.type, batch_size=cfg["predict_batch"])
+    started = time.perf_counter()
+    predicted = run.predict([str(p) for p in paths], device=device.type, batch_size=cfg["predict_batch"])
+    elapsed = time.perf_counter() - started
+    result[name] = {"images_per_s": len(predicted.rows) / elapsed, "images": len(predicted.rows),
+                    "skipped": len(predicted.skipped), "seconds": elapsed}
+    result["decode_only"] = decode_only(run, [str(p) for p in paths], cfg["predict_batch"], device)
     return result
+
+
+def decode_only(run, paths: list[str], batch: int, device: torch.device) -> dict:
+    """Images/s of the batched decode + resize stage predict uses on this device, without the model."""
+    from visiontune.data.jpeg_batches import iter_jpeg_batches
+
+    transform = run.preprocessing.eval_transform(normalize=False)
+    started, images = time.perf_counter(), 0
+    for batch_images, _, _ in iter_jpeg_batches(paths, transform, run.config.max_pixels, batch, 4, device):
+        images += 0 if batch_images is None else len(batch_images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": images / elapsed, "images": images, "seconds": elapsed}
 
 
 def patchcore_section(cfg: dict, device: torch.device, work: Path) -> dict:
@@ -245,7 +242,7 @@ def ddp_section(cfg: dict, device: torch.device, data: Path, work: Path, timeout
 
 def child_command(name: str, args: argparse.Namespace, work: Path) -> list[str]:
     command = [sys.executable, __file__, "--section", name, "--work", str(work)] + (["--smoke"] if args.smoke else [])
-    return command + (["--gpu-decode"] if args.gpu_decode else [])
+    return command
 
 
 def patchcore_after(textures: subprocess.Popen, args: argparse.Namespace, work: Path, budget: float) -> dict:
@@ -286,7 +283,7 @@ def child_section(name: str, args: argparse.Namespace, cfg: dict, device: torch.
         make_dataset(work / "textures", cfg["patchcore_images"], 2, cfg["patchcore_px"], seed=2)
         result = {"generate_s": time.perf_counter() - started}
     elif name == "predict":
-        result = predict_section(cfg, device, work / "jpegs", paths, work, args.gpu_decode)
+        result = predict_section(cfg, device, work / "jpegs", paths, work)
     else:
         result = patchcore_section(cfg, device, work)
     (work / f"{name}.json").write_text(json.dumps(result))
@@ -337,8 +334,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default=None, help="JSON file; default $OUT/gpu_check.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (< 60 s), to test the script")
-    parser.add_argument("--gpu-decode", action="store_true", default=USE_GPU_DECODE,
-                        help="also time predict with GPU JPEG decoding (when the library has it)")
     parser.add_argument("--section", choices=["predict", "patchcore", "textures"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
