@@ -163,7 +163,7 @@ def detection_metrics(detections: Sequence[Detections], targets: Sequence[ImageT
         "per_class": {name: {"ap_50": ap50[k], "ap": coco["ap_per_class"][k],
                              "boxes": int(sum(m.truths[k] for m in matches))} for k, name in enumerate(classes)},
         "threshold": threshold, "recall_at_threshold": recall, "precision_at_threshold": precision,
-        "pr_curves": {"recall": RECALL_POINTS.tolist(),
+        "pr_curves": {"recall": np.round(RECALL_POINTS, 2).tolist(),
                       "precision": {name: coco["pr_curves"][k] for k, name in enumerate(classes)}},
     }
     return metrics, matches

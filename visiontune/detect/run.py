@@ -26,7 +26,7 @@ from visiontune.detect.evaluation import detection_metrics
 from visiontune.detect.methods import load_detector
 from visiontune.detect.report import write_report
 from visiontune.detect.types import Detections, Detector, ImageTargets
-from visiontune.errors import UserError
+from visiontune.errors import UserError, require_some_read
 from visiontune.io import write_text_atomic
 from visiontune.runformat import SPLITS_FILE, read_meta
 
@@ -105,10 +105,11 @@ class DetectorRun:
     def predict(self, images: Sequence[str | Path], score_threshold: float | None = None
                 ) -> tuple[list[dict], list[tuple[str, str]]]:
         """Rows image,label,score,x1,y1,x2,y2 of the boxes at or above the threshold (the run's
-        unless given), and (path, reason) of the files that could not be read."""
+        unless given), and (path, reason) of the files that could not be read (none readable: UserError)."""
         paths = expand_image_paths([str(p) for p in images])
         threshold = self.threshold if score_threshold is None else score_threshold
         kept, found, skipped, _ = detect_files(self.detector, paths)
+        require_some_read(len(kept), len(skipped), "detected")
         rows = []
         for i, detections in zip(kept, found):
             shown = postprocess(detections, threshold)
