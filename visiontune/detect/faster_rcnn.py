@@ -10,7 +10,7 @@ is ever downloaded: pretrained weights that are not here are one message naming 
 
 Training: SGD (or AdamW) with a linear warm-up then cosine, horizontal flips, validation mAP@0.5
 after every epoch, the best epoch kept (safetensors) and training stopped after `patience`
-epochs without a better one.
+epochs without a better one (or, with `time_limit_s`, mid-epoch once the time is up).
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ WARMUP = 0.1
 GRADIENT_CLIP = 10.0
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "val_map_50", "seconds"]
+# timm-fpn samples fewer proposals and regions than torchvision's defaults (2000 / 1000 proposals,
+# 512 regions per image): the region head dominated a CPU forward pass at 320 px.
+LIGHT_PROPOSALS = dict(rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500,
+                       rpn_post_nms_top_n_test=300, box_batch_size_per_image=128)
 STATE_PREFIXES = ("module.", "_orig_mod.", "backbone.body.", "body.", "backbone.", "model.")
 
 
@@ -79,7 +83,9 @@ class FasterRCNNOptions(BaseModel):
     max_size: int = Field(512, ge=32)
     fpn_channels: int = Field(96, ge=8)
     hflip: bool = True
+    freeze_early: bool = True  # timm-fpn: the stem and the stride-2 and -4 stages stay as they are
     patience: int = Field(4, ge=1)
+    time_limit_s: float | None = Field(None, gt=0)  # stop (validate, keep the best) once training took this long
     score_floor: float = Field(0.01, ge=0, le=1)  # boxes below are not returned at all
     seed: int = 0
     device: str = "auto"
@@ -145,6 +151,8 @@ def build_model(options: FasterRCNNOptions, num_classes: int, initialise: bool =
     weights = _resolved_weights(options) if initialise else None
     body = create_model(options.model, pretrained=initialise and options.pretrained, weights=weights,
                         features_only=True)
+    if options.freeze_early:
+        _freeze_early_stages(body)
     backbone = TimmFPN(freeze_batch_norm_2d(body), options.fpn_channels)
     config = body.pretrained_cfg
     anchors = _anchors(options.min_size, levels=4)
@@ -154,7 +162,7 @@ def build_model(options: FasterRCNNOptions, num_classes: int, initialise: bool =
         box_head=TwoMLPHead(options.fpn_channels * 7 * 7, BOX_HEAD_WIDTH),
         box_predictor=FastRCNNPredictor(BOX_HEAD_WIDTH, num_classes + 1),
         image_mean=list(config.get("mean", (0.485, 0.456, 0.406))),
-        image_std=list(config.get("std", (0.229, 0.224, 0.225))), **common)
+        image_std=list(config.get("std", (0.229, 0.224, 0.225))), **LIGHT_PROPOSALS, **common)
 
 
 def fit_faster_rcnn(train: list[ImageTargets], val: list[ImageTargets], classes: list[str], out: Path,
@@ -177,6 +185,8 @@ def fit_faster_rcnn(train: list[ImageTargets], val: list[ImageTargets], classes:
     generator = np.random.default_rng(options.seed)
     write_csv_atomic(out / METRICS_FILE, METRIC_FIELDS, [])
     best, best_epoch, rows = -1.0, 0, []
+    fit_started = time.perf_counter()
+    out_of_time = False
     for epoch in range(1, options.epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -194,6 +204,10 @@ def fit_faster_rcnn(train: list[ImageTargets], val: list[ImageTargets], classes:
             nn.utils.clip_grad_norm_(parameters, GRADIENT_CLIP)
             optimizer.step()
             losses.append(float(loss.detach()))
+            out_of_time = options.time_limit_s is not None and time.perf_counter() - fit_started > options.time_limit_s
+            if out_of_time:
+                log.warning("time limit of %.0f s reached at step %d of epoch %d", options.time_limit_s, step + 1, epoch)
+                break
         score = average_precision_50(match_all(detector.detect_batch(val_images), val, len(classes)), len(classes))[0]
         if score > best:
             best, best_epoch = score, epoch
@@ -203,7 +217,7 @@ def fit_faster_rcnn(train: list[ImageTargets], val: list[ImageTargets], classes:
         write_csv_atomic(out / METRICS_FILE, METRIC_FIELDS, rows)
         log.info("epoch %d/%d  loss %.3f  val mAP@0.5 %.3f%s  (%.1f s)", epoch, options.epochs, rows[-1]["train_loss"],
                  score, "  *" if epoch == best_epoch else "", rows[-1]["seconds"])
-        if epoch - best_epoch >= options.patience:
+        if out_of_time or epoch - best_epoch >= options.patience:
             break
     safetensors.torch.load_model(model, str(out / WEIGHTS_FILE))
     return FasterRCNNDetector(model, classes, device, options.batch_size)
@@ -226,6 +240,19 @@ def load_faster_rcnn(run_dir: Path, meta: dict, device: str = "auto") -> FasterR
     except Exception as exc:  # a foreign, edited or truncated file
         raise UserError(f"{path} does not fit {run_dir / META_FILE}: {str(exc).splitlines()[0][:300]}") from None
     return FasterRCNNDetector(model, classes, resolve_device(device), options.batch_size)
+
+
+def _freeze_early_stages(body: nn.Module) -> None:
+    """No gradient for the parameters up to the stride-4 level (as torchvision's default of three
+    trainable ResNet stages): the high-resolution layers cost most of the backward pass."""
+    names = body.feature_info.module_name()
+    if len(names) < 4:
+        return
+    prefixes = (names[-4] + ".", names[-4].replace(".", "_") + ".")
+    parameters = list(body.named_parameters())
+    last = max((i for i, (name, _) in enumerate(parameters) if name.startswith(prefixes)), default=-1)
+    for _, parameter in parameters[:last + 1]:
+        parameter.requires_grad_(False)
 
 
 def _anchors(min_size: int, levels: int) -> AnchorGenerator:
