@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import timm
 import torch
 import torchvision
 
@@ -111,3 +112,16 @@ def test_cli_fit_predict_evaluate_and_errors(tiles: Path, tmp_path: Path) -> Non
         result = cli(*args)
         assert result.returncode == 2 and expected in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_classifier_runs_backbone_initialises_timm_fpn(tmp_path: Path) -> None:
+    classifier = timm.create_model("test_resnet", num_classes=3)
+    run_dir = tmp_path / "classifier"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    safetensors.torch.save_model(classifier, str(run_dir / "checkpoints" / "best.safetensors"))
+    (run_dir / "model.json").write_text(json.dumps({"kind": "classifier", "model": "test_resnet",
+                                                    "labels": ["a", "b", "c"], "preprocessing": {}}))
+    model = faster_rcnn.build_model(FasterRCNNOptions(model="test_resnet", weights=str(run_dir)), num_classes=2)
+    assert torch.equal(model.backbone.body.layer4[0].conv1.weight, classifier.layer4[0].conv1.weight)
+    with pytest.raises(UserError, match="is a run of test_resnet, not resnet18"):
+        faster_rcnn.check_options(FasterRCNNOptions(model="resnet18", weights=str(run_dir)))
