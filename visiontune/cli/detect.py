@@ -83,8 +83,16 @@ def fit(
     scored once at the end (RUN/eval/test/)."""
     detect = _api()
     faster, regions = None, None
+    frcnn_flags = dict(epochs=epochs, model=model, arch=arch, weights=weights, pretrained=pretrained,
+                       batch_size=batch_size, lr=lr, optimizer=optimizer, min_size=min_size, max_size=max_size,
+                       hflip=hflip, patience=patience, device=device)
     if method == "rcnn":
         from visiontune.detect.rcnn import RCNNOptions
+
+        given = sorted(name for name, value in frcnn_flags.items() if value is not None)
+        if given:
+            raise UserError(f"{', '.join('--' + n.replace('_', '-') for n in given)}: Faster R-CNN options, "
+                            "not for --method rcnn")
 
         regions = _options(RCNNOptions, classifier_run=classifier, svm=svm, box_regression=box_regression,
                            max_proposals=max_proposals, proposals=proposals)
@@ -93,9 +101,7 @@ def fit(
     else:
         from visiontune.detect.faster_rcnn import FasterRCNNOptions
 
-        faster = _options(FasterRCNNOptions, epochs=epochs, model=model, arch=arch, weights=weights,
-                          pretrained=pretrained, batch_size=batch_size, lr=lr, optimizer=optimizer, min_size=min_size,
-                          max_size=max_size, hflip=hflip, patience=patience, device=device, seed=seed)
+        faster = _options(FasterRCNNOptions, **frcnn_flags, seed=seed)
     run = detect.fit(boxes, images, out, method=method, fmt=format, target_recall=target_recall, seed=seed,
                      min_area=min_area, classes=[c.strip() for c in classes.split(",")] if classes else None,
                      faster_rcnn=faster, rcnn=regions, report=report)
