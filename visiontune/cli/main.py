@@ -28,6 +28,7 @@ from visiontune.cli.audit import check_near_duplicates
 from visiontune.cli.bench import benchmark
 from visiontune.cli.caption import caption_app
 from visiontune.cli.compare import register as register_compare
+from visiontune.cli.detect import detect_app
 from visiontune.cli.export import export
 from visiontune.cli.features import register as register_features
 from visiontune.cli.ood import ood_app
@@ -51,6 +52,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 app.add_typer(anomaly_app, name="anomaly", help="Unsupervised defect detection: PaDiM and PatchCore.")
 app.add_typer(caption_app, name="caption", help="Image captioning on a frozen backbone's spatial features.")
+app.add_typer(detect_app, name="detect", help="Object detection: Faster R-CNN or R-CNN regions, boxes in and out.")
 app.add_typer(ood_app, name="ood", help="Out-of-distribution scores of a run's inputs: fit them on an older run.")
 app.command()(benchmark)
 app.command()(export)

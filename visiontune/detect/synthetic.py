@@ -43,7 +43,8 @@ def make_tiles(out: str | Path, n_images: int, size: int = 512, seed: int = 0,
     for i in range(n_images):
         name = f"tile_{i:05d}"
         pixels, objects = _tile(rng, size)
-        atomic_write(out / "images" / f"{name}.png", lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+        atomic_write(out / "images" / f"{name}.png",
+                     lambda tmp, pixels=pixels: Image.fromarray(pixels).save(tmp, format="PNG"))
         coco["images"].append({"id": i + 1, "file_name": f"{name}.png", "width": size, "height": size})
         for label, box, _ in objects:
             x1, y1, x2, y2 = box
