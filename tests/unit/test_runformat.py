@@ -106,7 +106,7 @@ def test_a_newer_format_asks_for_an_upgrade(tmp_path):
 
 @pytest.mark.parametrize("fields, message", [
     ({"model": "x"}, "is damaged: kind: Field required"),
-    ({"kind": "detector"}, "is damaged: kind: Input should be 'classifier', 'anomaly' or 'caption'"),
+    ({"kind": "segmenter"}, "is damaged: kind: Input should be 'classifier', 'anomaly', 'caption' or 'detector'"),
 ])
 def test_unknown_or_missing_kind_is_a_damaged_file(tmp_path, fields, message):
     with pytest.raises(UserError, match=message):

@@ -34,7 +34,7 @@ from visiontune.training.failures import stopped_run_error
 from visiontune.training.finalize import finalize
 from visiontune.training.lr_find import resolve_auto_lr
 from visiontune.training.setup import build_setup, make_fabric, new_run_dir, run_dir_for
-from visiontune.training.trainer import Callback, Trainer, load_resume
+from visiontune.training.trainer import Callback, Trainer, load_resume, load_run_config
 
 
 def fit(
@@ -53,7 +53,7 @@ def fit(
     """
     if resume is not None:
         run_dir = Path(resume)
-        fabric = _launch(_relaunched(load_resume(run_dir)[0], options))
+        fabric = _launch(_relaunched(load_run_config(run_dir), options))
         with _locked(fabric, run_dir, create=False):  # one process per run directory (locking.py)
             cfg, state = load_resume(run_dir)  # again: what the lock now guarantees no one else writes
             cfg = _relaunched(cfg, options)

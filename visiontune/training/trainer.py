@@ -52,11 +52,18 @@ class TrainingOutcome:
     probe_choice: dict  # the probe's chosen regularisation and its candidates; empty without a probe
 
 
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The config of a run directory, read without its resume state (how to launch its resume:
+    read before its lock is taken, so it must not judge the state that the lock protects)."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir} is not a visiontune run directory (no config.yaml)")
+    return TrainConfig.from_yaml(run_dir / CONFIG_FILE, missing=LEGACY_DEFAULTS)
+
+
 def load_resume(run_dir: Path) -> tuple[TrainConfig, dict]:
     """The config and resume state of an interrupted run; a UserError says why it cannot resume."""
     state_path = run_dir / STATE_FILE
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(f"{run_dir} is not a visiontune run directory (no config.yaml)")
+    config = load_run_config(run_dir)
     if not state_path.is_file():
         raise UserError(
             f"{run_dir} has no completed epoch to resume from; start it again with the same --out"
@@ -64,7 +71,6 @@ def load_resume(run_dir: Path) -> tuple[TrainConfig, dict]:
     state = load_state(state_path)
     if state.get("finished"):
         raise UserError(f"{run_dir} has already finished; see {run_dir / 'summary.json'}")
-    config = TrainConfig.from_yaml(run_dir / CONFIG_FILE, missing=LEGACY_DEFAULTS)
     return config, state
 
 
