@@ -125,3 +125,24 @@ def test_a_classifier_runs_backbone_initialises_timm_fpn(tmp_path: Path) -> None
     assert torch.equal(model.backbone.body.layer4[0].conv1.weight, classifier.layer4[0].conv1.weight)
     with pytest.raises(UserError, match="is a run of test_resnet, not resnet18"):
         faster_rcnn.check_options(FasterRCNNOptions(model="resnet18", weights=str(run_dir)))
+
+
+def test_a_detector_run_is_served_with_the_boxes_predict_writes(run, tiles: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from visiontune.serve.app import ServeSettings, create_app
+    from visiontune.serve.models import load_served
+
+    image = tiles.parent / "images" / "tile_00002.png"
+    expected, _ = detect.load(run.dir).predict([image])
+    served = load_served(run.dir, name="det")
+    with TestClient(create_app([served], ServeSettings(warm_up=True))) as client:
+        answer = client.post("/models/det/predict?overlay=true", files={"file": ("t.png", image.read_bytes(), "image/png")})
+        card = client.get("/models/det").json()
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    result = body["results"][0]
+    assert body["kind"] == "detector" and result["count"] == len(expected) > 0 and result["overlay_png"]
+    assert [(b["label"], b["score"], b["box"]) for b in result["boxes"]] == [
+        (r["label"], r["score"], [r["x1"], r["y1"], r["x2"], r["y2"]]) for r in expected]
+    assert card["method"] == "faster-rcnn" and card["classes"] == ["crack", "blob"]

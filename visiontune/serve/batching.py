@@ -14,7 +14,6 @@ import collections
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
 
 from visiontune.serve.metrics import ServerMetrics
 from visiontune.serve.models import Decoded, Prediction, ServedModel
@@ -70,7 +69,7 @@ class Batcher:
             if not jobs:
                 continue
             self.metrics.batch_size.labels(self.model.name).observe(len(jobs))
-            batch = torch.stack([job.decoded.tensor for job in jobs])
+            batch = self.model.collate([job.decoded.tensor for job in jobs])
             try:
                 results = await self.run_in_inference_thread(self.model.predict, batch, max(j.top_k for j in jobs))
             except Exception as exc:  # noqa: BLE001 - the requests fail (500), the server and the next batch do not

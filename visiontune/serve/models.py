@@ -1,11 +1,12 @@
-"""The models a server holds: a classifier run, an anomaly model or a caption run behind one small
-interface.
+"""The models a server holds: a classifier run, an anomaly model, a caption run or a detector run
+behind one small interface.
 
 Each turns uploaded bytes into a tensor (`decode`, safe in any thread), a batch of tensors into
 one JSON-ready result per image (`predict`: the same inference plan and decision rules as
 `visiontune predict`), and, on request, an overlay PNG: Grad-CAM for a classifier, the heat map
 for an anomaly model, the decoder's attention over the image (averaged over the generated words)
-for a captioner. `load_served` tells them apart by the directory's model.json.
+for a captioner, the boxes drawn on the image for a detector. `load_served` tells them apart by
+the directory's model.json.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from visiontune.anomaly.components.anomaly_map import heatmap_overlay
 from visiontune.anomaly.data import GOOD, anomaly_transform
@@ -28,6 +29,8 @@ from visiontune.caption.encoder import to_memory
 from visiontune.caption.run import CaptionRun, generate
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import load_rgb_bytes
+from visiontune.detect.run import load as load_detector_run
+from visiontune.detect.run import postprocess
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
 from visiontune.evaluation.predict import prediction_row, raw_and_shown_probabilities
@@ -79,6 +82,10 @@ class ServedModel(ABC):
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         return self._transform(image)  # each kind sets its evaluation transform as `_transform`
+
+    def collate(self, tensors: list[torch.Tensor]):
+        """One batch for `predict` from the decoded tensors (same-sized for every kind but detectors)."""
+        return torch.stack(tensors)
 
     @abstractmethod
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]: ...
@@ -243,6 +250,63 @@ class ServedCaptioner(ServedModel):
                 "decoder": meta["decoder"], "preprocessing": meta["preprocessing"], "beam": self.beam}
 
 
+class ServedDetector(ServedModel):
+    """A detector run: images keep their own size (boxes are in their pixels), so a batch is a list."""
+
+    kind = "detector"
+
+    def __init__(self, name: str, directory: Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.run = load_detector_run(directory)
+        self.detector = self.run.detector
+        weights = next((p for p in sorted(Path(directory).rglob("*.safetensors")) if "proposals" not in p.parts),
+                       Path(directory) / META_FILE)
+        super().__init__(name, Path(directory), weights, max_pixels)
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(image, dtype=np.uint8))  # H x W x 3, as detect_batch takes it
+
+    def collate(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return tensors
+
+    @property
+    def input_size(self) -> int:
+        return 64  # warm-up only: a detector takes any size
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        for n in batch_sizes:
+            self.predict([torch.zeros(self.input_size, self.input_size, 3, dtype=torch.uint8)] * n)
+
+    def predict(self, batch: list[torch.Tensor], top_k: int = 3) -> list[Prediction]:
+        """The boxes at or above the run's threshold, after its NMS: what `detect predict` writes."""
+        classes, threshold = self.run.classes, self.run.threshold
+        found = self.detector.detect_batch([t.numpy() for t in batch])
+        predictions = []
+        for detections in found:
+            shown = postprocess(detections, threshold)
+            boxes = [{"label": classes[int(label)], "score": round(float(score), 4),
+                      "box": [round(float(v), 1) for v in box]}
+                     for box, score, label in zip(shown.boxes, shown.scores, shown.labels)]
+            predictions.append(Prediction({"boxes": boxes, "count": len(boxes), "threshold": threshold}))
+        return predictions
+
+    def overlay_png(self, decoded: Decoded, prediction: Prediction) -> bytes:
+        image = decoded.image.copy()
+        draw = ImageDraw.Draw(image)
+        for found in prediction.body["boxes"]:
+            draw.rectangle(found["box"], outline=(255, 64, 0), width=max(1, round(min(image.size) / 150)))
+            draw.text((found["box"][0] + 2, found["box"][1] + 1), f"{found['label']} {found['score']:.2f}",
+                      fill=(255, 64, 0))
+        return _png(image)
+
+    def card(self) -> dict:
+        meta = self.run.metadata
+        return {"name": self.name, "kind": self.kind, "version": self.version, "method": meta["method"],
+                "classes": self.run.classes, "threshold": self.run.threshold}
+
+
 def load_served(directory: str | Path, name: str | None = None, **options) -> ServedModel:
     """The classifier run or anomaly model in `directory`, served as `name` (default: its folder name)."""
     directory = Path(directory).expanduser()
@@ -258,6 +322,8 @@ def load_served(directory: str | Path, name: str | None = None, **options) -> Se
         return ServedAnomalyModel(name, directory, device=options.get("device", "auto"), threads=options.get("threads"))
     if kind == "caption":
         return ServedCaptioner(name, directory, device=options.get("device", "auto"), threads=options.get("threads"))
+    if kind == "detector":  # the device is the run's own (its method's options)
+        return ServedDetector(name, directory, threads=options.get("threads"))
     if kind == "classifier":
         return ServedClassifier(name, directory, **options)
     raise UserError(f"{directory} holds a {kind!r} artifact, which `serve` cannot serve yet")

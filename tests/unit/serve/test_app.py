@@ -27,6 +27,9 @@ class FakeModel:
         image = load_rgb_bytes(data, max_pixels=10_000)
         return Decoded(torch.zeros(3, 8, 8), image if keep_image else None)
 
+    def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tensors)
+
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]:
         if self.fail:
             raise RuntimeError("the model broke")

@@ -22,6 +22,9 @@ class CountingModel:
         self.batches: list[int] = []
         self.fail_first = fail_first
 
+    def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tensors)
+
     def predict(self, batch: torch.Tensor, top_k: int = 3) -> list[Prediction]:
         self.batches.append(len(batch))
         if self.fail_first and len(self.batches) == 1:
