@@ -20,15 +20,20 @@ included).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
 
+import visiontune
 from visiontune.bench.benchmark import machine
 from visiontune.detect import make_tiles, workflow
 from visiontune.detect.faster_rcnn import FasterRCNNOptions
+from visiontune.detect.rcnn import RCNNOptions
+from visiontune.detect.regions import regions
 
 TILES, TILE_SIZE, SEED, TARGET_RECALL = 500, 512, 0, 0.9
 RESULTS = Path(__file__).parent / "results" / "detect_synthetic_cpu.json"
@@ -54,39 +59,122 @@ def faster_rcnn_row(coco: Path, out: Path, weights: Path, args) -> dict:
     return row(f"Faster R-CNN, lite0 FPN, {args.min_size} px", run, started) | {"options": options.model_dump(mode="json")}
 
 
-def rcnn_rows(coco: Path, out: Path, args) -> list[dict]:
-    """HOOK for the R-CNN half (branch detect-b): the three R-CNN rows, each one call of
-    `workflow.fit(coco, coco.parent / "images", out / NAME, method="rcnn", target_recall=TARGET_RECALL,
-    seed=SEED, rcnn=RCNNOptions(classifier_run=args.classifier, svm=..., box_regression=...))`
-    returned through `row(NAME, run, started)`:
-      "R-CNN, classifier only" (svm=False, box_regression=False), "R-CNN + SVM" (svm=True,
-      box_regression=False), "R-CNN + SVM + box regression" (svm=True, box_regression=True).
-    Not written in this half: no rows until then."""
-    return []
+def region_set(coco: Path, out: Path, args) -> dict:
+    """`regions` on the tiles (the detector's split: fractions 0.2 / 0.2, seed 0), timed, with the
+    process's peak RSS after it (it runs first, so the peak is its own)."""
+    if (out / "regions").exists():
+        shutil.rmtree(out / "regions")
+    started = time.perf_counter()
+    summary = regions(coco.parent / "images", coco, out / "regions", proposals=args.proposals,
+                      max_proposals=args.max_proposals, max_negatives=args.max_negatives, size=args.crop_size,
+                      seed=SEED, val_fraction=0.2,
+                      test_fraction=0.2, progress=False)
+    return {"seconds": time.perf_counter() - started,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "regions": summary["regions"], "regions_per_split": summary["regions_per_split"],
+            "images_per_split": summary["images_per_split"], "options": summary["options"]}
+
+
+def region_classifier(out: Path, weights: Path, args) -> tuple[Path, float]:
+    """The README's R-CNN recipe: lite0 fine-tuned on regions.csv (focal loss, balanced sampler)."""
+    run_dir = out / "region-classifier"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    started = time.perf_counter()
+    run = visiontune.fit(str(out / "regions" / "regions.csv"), model="tf_efficientnet_lite0", weights=str(weights),
+                         image_size=args.crop_size, epochs=args.region_epochs, loss="focal", balance="sampler",
+                         seed=SEED, device="cpu", report=False, out=str(run_dir), progress=False)
+    return Path(run.dir), time.perf_counter() - started
+
+
+def split_by_image(path: Path, image_column: str) -> dict[str, str]:
+    with path.open(newline="") as handle:
+        return {str(Path(r[image_column]).resolve()): r["split"] for r in csv.DictReader(handle)}
+
+
+def rcnn_rows(coco: Path, out: Path, args, classifier: Path, stages: dict) -> list[dict]:
+    """The three R-CNN rows on one region classifier; each row's `pipeline_fit_seconds` adds the
+    regions and classifier time (paid once, shared by the three) to its own fit."""
+    variants = [("R-CNN, classifier only", False, False), ("R-CNN + SVM", True, False),
+                ("R-CNN + SVM + box regression", True, True)]
+    rows = []
+    regions_split = split_by_image(out / "regions" / "regions.csv", "image")
+    for name, svm, box_regression in variants:
+        run_dir = out / name.lower().replace(" + ", "-").replace(", ", "-").replace(" ", "-")
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        options = RCNNOptions(classifier_run=classifier, proposals=args.proposals, max_proposals=args.max_proposals,
+                              svm=svm, box_regression=box_regression, seed=SEED, device="cpu")
+        started = time.perf_counter()
+        run = workflow.fit(coco, coco.parent / "images", run_dir, method="rcnn", target_recall=TARGET_RECALL,
+                           seed=SEED, rcnn=options)
+        result = row(name, run, started)
+        detector_split = split_by_image(run.dir / "splits.csv", "image")
+        result |= {"options": options.model_dump(mode="json"), "rcnn_fit": json.loads((run.dir / "rcnn_fit.json").read_text()),
+                   "split_equals_regions_csv": detector_split == regions_split,
+                   "pipeline_fit_seconds": stages["regions"]["seconds"] + stages["classifier_seconds"] + result["fit_seconds"]}
+        rows.append(result)
+    return rows
+
+
+def tiles(out: Path, n_tiles: int) -> Path:
+    """The seeded tiles, reused when a previous run left all of them (make_tiles is deterministic)."""
+    coco = out / "tiles" / "annotations.json"
+    if coco.is_file() and len(json.loads(coco.read_text())["images"]) == n_tiles and \
+            len(list((out / "tiles" / "images").glob("*.png"))) == n_tiles:
+        return coco
+    return make_tiles(out / "tiles", n_tiles, size=TILE_SIZE, seed=SEED)
+
+
+def merged(rows: list[dict]) -> list[dict]:
+    """The stored rows with these replacing those of the same name (a partial run keeps the others)."""
+    stored = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    names = {r["name"] for r in rows}
+    return [r for r in stored if r["name"] not in names] + rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--out", type=Path, default=Path("runs/detect-synthetic"))
+    parser.add_argument("--tiles", type=int, default=TILES, help="Fewer for a dry run (results then stay in --out).")
     parser.add_argument("--min-size", type=int, default=256, help="Network input side (tiles are 512 px).")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--time-limit", type=float, default=1200.0, help="Seconds of Faster R-CNN training at most.")
-    parser.add_argument("--classifier", type=Path, default=None, help="R-CNN: a classifier run fine-tuned on regions.")
+    parser.add_argument("--proposals", default="sliding", help="R-CNN proposals: sliding, fast or quality.")
+    parser.add_argument("--max-proposals", type=int, default=100)
+    parser.add_argument("--max-negatives", type=int, default=16, help="Background crops per image for the classifier.")
+    parser.add_argument("--crop-size", type=int, default=96, help="R-CNN region crop side (classifier input).")
+    parser.add_argument("--region-epochs", type=int, default=3, help="Epochs of the region classifier.")
     parser.add_argument("--skip-faster-rcnn", action="store_true")
+    parser.add_argument("--skip-rcnn", action="store_true")
     args = parser.parse_args()
     weights = args.shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    coco = make_tiles(args.out / "tiles", TILES, size=TILE_SIZE, seed=SEED)
-    rows = [] if args.skip_faster_rcnn else [faster_rcnn_row(coco, args.out, weights, args)]
-    rows += rcnn_rows(coco, args.out, args)
-    result = {"machine": machine(), "tiles": TILES, "tile_size": TILE_SIZE, "seed": SEED,
-              "target_recall": TARGET_RECALL, "rows": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    coco = tiles(args.out, args.tiles)
+    stages: dict = {}
+    if not args.skip_rcnn:  # regions first, so that the peak RSS measured after it is its own
+        stages["regions"] = region_set(coco, args.out, args)
+        print(f"regions: {stages['regions']['seconds']:.0f} s, peak RSS {stages['regions']['peak_rss_mib']:.0f} MiB, "
+              f"{stages['regions']['regions_per_split']}", flush=True)
+        classifier, stages["classifier_seconds"] = region_classifier(args.out, weights, args)
+        print(f"region classifier: {stages['classifier_seconds']:.0f} s", flush=True)
+    rows = []
+    if not args.skip_faster_rcnn:
+        if (args.out / "faster-rcnn").exists():
+            shutil.rmtree(args.out / "faster-rcnn")
+        rows.append(faster_rcnn_row(coco, args.out, weights, args))
+    if not args.skip_rcnn:
+        rows += rcnn_rows(coco, args.out, args, classifier, stages)
+    full = args.tiles == TILES
+    stored = json.loads(RESULTS.read_text()) if full and RESULTS.is_file() else {}
+    result = {"machine": machine(), "tiles": args.tiles, "tile_size": TILE_SIZE, "seed": SEED,
+              "target_recall": TARGET_RECALL, "rows": merged(rows) if full else rows,
+              "rcnn_stages": stages or stored.get("rcnn_stages")}
+    path = RESULTS if full else args.out / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
     print(f"{'row':44s} {'mAP@0.5 [95% CI]':24s} {'mAP':>6s} {'recall@t':>8s} {'fit s':>7s} {'img/s':>6s}")
-    for r in rows:
+    for r in result["rows"]:
         low, high = r["map_50_ci95"]
         print(f"{r['name']:44s} {r['map_50']:.3f} [{low:.3f}, {high:.3f}]     {r['map']:6.3f} "
               f"{r['recall_at_threshold']:8.3f} {r['fit_seconds']:7.0f} {r['images_per_second']:6.2f}")
