@@ -34,7 +34,7 @@ from visiontune.data.transforms import Preprocessing
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
 from visiontune.io import write_csv_atomic, write_text_atomic
-from visiontune.locking import locked_dir
+from visiontune.locking import is_only_lock, locked_dir
 from visiontune.models.extractor import create_extractor
 from visiontune.runformat import (
     CAPTIONS_FILE,
@@ -73,7 +73,7 @@ def fit(data: str | Path | None = None, *, resume: str | Path | None = None, **o
     else:
         cfg = build_caption_config(data=str(data), **options)
         run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-caption-{cfg.model}").expanduser()
-        if run_dir.exists() and any(p.name != ".visiontune.lock" for p in run_dir.iterdir()):
+        if run_dir.exists() and not is_only_lock(run_dir):
             raise UserError(f"{run_dir} already exists and is not empty; use --resume {run_dir} or another --out")
         cfg.out = str(run_dir)
     with locked_dir(run_dir):

@@ -24,7 +24,7 @@ from visiontune.detect.run import SPLITS_FIELDS, DetectorRun, detect_files
 from visiontune.detect.types import ImageTargets
 from visiontune.errors import UserError
 from visiontune.io import write_csv_atomic, write_text_atomic
-from visiontune.locking import locked_dir
+from visiontune.locking import is_only_lock, locked_dir
 from visiontune.runformat import META_FILE, SPLITS_FILE, SUMMARY_FILE, meta_fields
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def fit(annotations: str | Path, images: str | Path, out: str | Path | None = No
         raise UserError(f"--target-recall must be in (0, 1], not {target_recall}")
     options = check_method(method, faster_rcnn if method == "faster-rcnn" else rcnn)
     run_dir = Path(out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-detect-{method}").expanduser()
-    if run_dir.exists() and any(p.name != ".visiontune.lock" for p in run_dir.iterdir()):
+    if run_dir.exists() and not is_only_lock(run_dir):
         raise UserError(f"{run_dir} already exists and is not empty; pass another --out")
     dataset = load_annotations(annotations, images, fmt, min_area=min_area, classes=classes)
     splits = split_detection_set(dataset, val_fraction, test_fraction, seed)
