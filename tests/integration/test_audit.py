@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import COLOURS, TINY_OPTIONS
+from tests.integration.test_cli import cli
 from visiontune.cli.main import app
 
 
@@ -117,5 +118,7 @@ def test_check_near_duplicates_lists_the_planted_leak_from_a_backbone_or_a_featu
                                      "--duplicate-similarity", "0.99999"])
     assert again.exit_code == 0 and "leak.png" in again.output and "red_3.png" in again.output
 
-    missing = CliRunner().invoke(app, ["check", str(data), "--near-duplicates"])
-    assert missing.exit_code == 2 and "needs features" in missing.output
+    missing = cli("check", data, "--near-duplicates")
+    assert missing.returncode == 2 and "needs features" in missing.stderr and "Traceback" not in missing.stderr
+    both = cli("check", data, "--near-duplicates", "--features", features, "--model", TINY_OPTIONS["model"])
+    assert both.returncode == 2 and "leave out --model" in both.stderr

@@ -98,13 +98,19 @@ def audit(data, *, out: str | Path | None = None, model: str | None = None, run:
     return record
 
 
-def near_duplicates(data=None, *, features: str | Path | None = None, duplicate_similarity: float | None = None,
-                    **backbone) -> dict:
+def near_duplicates(data=None, *, features: str | Path | None = None, model: str | None = None,
+                    run: str | Path | None = None, duplicate_similarity: float | None = None, **backbone) -> dict:
     """`check --near-duplicates`: the audit's near-duplicate findings alone, from the pooled
-    features of a `visiontune features` file, or from one frozen pass of `data` through the
-    backbone named in `backbone` (model / run / weights / ... as `frozen_features` takes them)."""
+    features of a `visiontune features` file, or from one frozen pass of `data` through `model`
+    or `run` (with `backbone`'s weights / image size / split options, as `frozen_features` takes them)."""
+    if features is None and model is None and run is None:
+        raise UserError("--near-duplicates needs features: --model NAME (with --weights FILE offline), "
+                        "--run RUN, or --features FILE from `visiontune features`")
+    if features is not None and (model is not None or run is not None):
+        raise UserError("--features brings its own features; leave out --model and --run")
     threshold = a.DUPLICATE_SIMILARITY if duplicate_similarity is None else duplicate_similarity
-    rows = stored_features(features) if features is not None else frozen_features(data, **backbone)
+    rows = (stored_features(features) if features is not None
+            else frozen_features(data, model=model, run=run, **backbone))
     found = duplicate_findings(rows, threshold)
     return {"model": rows.backbone, "images": len(rows.paths), "similarity": threshold, "skipped": rows.skipped,
             "leakage": [f for f in found if f["kind"] == "leakage"],

@@ -44,9 +44,9 @@ def audit(
 
     record = run_audit(
         data, out=out, model=model, run=run, weights=weights, pretrained=pretrained, folds=folds,
-        fine_tune=fine_tune, epochs=epochs, progress=True, duplicate_similarity=duplicate_similarity, image_size=image_size, label_regex=label_regex,
-        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size, workers=workers,
-        threads=threads, device=device,
+        fine_tune=fine_tune, epochs=epochs, progress=True, duplicate_similarity=duplicate_similarity,
+        image_size=image_size, label_regex=label_regex, val_fraction=val_fraction, test_fraction=test_fraction,
+        seed=seed, batch_size=batch_size, workers=workers, threads=threads, device=device,
     )
     for row in record["skipped"]:
         err.print(f"skipped {row['path']}: {row['reason']}", markup=False)
@@ -65,15 +65,8 @@ def check_near_duplicates(data: str, *, features: Path | None, model: str | None
     """`check --near-duplicates`: print the audit's near-duplicate pairs; returns how many leak across splits."""
     from visiontune.audit.workflow import near_duplicates
 
-    if features is None and model is None and run is None:
-        raise typer.BadParameter("--near-duplicates needs features: --model NAME (with --weights FILE offline), "
-                                 "--run RUN, or --features FILE from `visiontune features`")
-    if features is not None and (model is not None or run is not None):
-        raise typer.BadParameter("--features brings its own features; leave out --model and --run")
-    backbone = {} if features is not None else {
-        "model": model, "run": run, "weights": weights, "pretrained": pretrained, "image_size": image_size,
-        "device": device, **split}
-    found = near_duplicates(data, features=features, duplicate_similarity=duplicate_similarity, **backbone)
+    found = near_duplicates(data, features=features, model=model, run=run, weights=weights, pretrained=pretrained,
+                            image_size=image_size, device=device, duplicate_similarity=duplicate_similarity, **split)
     for title, kind in (("near-duplicates across splits (leakage)", "leakage"),
                         ("near-duplicates within a split", "near_duplicate")):
         rows = found[kind]
