@@ -122,3 +122,14 @@ def test_two_process_resume_as_two_nodes_continues_exactly(runs):
         torch.testing.assert_close(tensor, whole[name], rtol=0, atol=0, msg=name)
     assert json.loads((cut / "summary.json").read_text())["val"] == json.loads((runs / "whole" / "summary.json").read_text())["val"]
     assert files(cut) == files(runs / "whole")
+
+
+@pytest.mark.slow
+def test_a_batch_the_processes_cannot_share_is_refused_before_any_starts(tmp_path):
+    from tests.integration.test_cli import cli
+
+    data = write_class_folders(tmp_path / "data", {"blue": 4, "red": 4})
+    done = cli("train", data, "--model", TINY_OPTIONS["model"], "--no-pretrained", "--devices", "3",
+               "--batch-size", "8", "--out", tmp_path / "run")
+    assert done.returncode == 2 and "must divide by the 3 processes" in done.stderr
+    assert "Initializing distributed" not in done.stderr + done.stdout and not (tmp_path / "run").exists()

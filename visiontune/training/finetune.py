@@ -29,7 +29,7 @@ from visiontune.errors import UserError
 from visiontune.locking import locked_dir
 from visiontune.run import Run
 from visiontune.runformat import STATE_FILE
-from visiontune.training.distributed import on_rank_zero
+from visiontune.training.distributed import on_rank_zero, per_process_batch
 from visiontune.training.failures import stopped_run_error
 from visiontune.training.finalize import finalize
 from visiontune.training.lr_find import resolve_auto_lr
@@ -81,6 +81,7 @@ def _launch(cfg: TrainConfig) -> Fabric:
     fabric = make_fabric(cfg.device, cfg.devices, cfg.num_nodes, cfg.strategy)
     if cfg.lr == "auto" and fabric.world_size > 1:
         raise UserError("--lr auto runs in one process: run `visiontune lr-find` first and pass its --lr")
+    per_process_batch(cfg.batch_size, fabric.world_size)  # refused here, before any process is started
     fabric.launch()
     if not fabric.is_global_zero:
         logging.getLogger("visiontune").setLevel(logging.ERROR)
