@@ -22,6 +22,7 @@ import torch
 
 import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
+from tests.integration.test_cli import cli
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 ROOT = Path(__file__).parents[2]
@@ -126,8 +127,6 @@ def test_two_process_resume_as_two_nodes_continues_exactly(runs):
 
 @pytest.mark.slow
 def test_a_batch_the_processes_cannot_share_is_refused_before_any_starts(tmp_path):
-    from tests.integration.test_cli import cli
-
     data = write_class_folders(tmp_path / "data", {"blue": 4, "red": 4})
     done = cli("train", data, "--model", TINY_OPTIONS["model"], "--no-pretrained", "--devices", "3",
                "--batch-size", "8", "--out", tmp_path / "run")
