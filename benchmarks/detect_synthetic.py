@@ -6,15 +6,17 @@ Data: `visiontune detect tiles` (seeded): 500 tiles of 512 px, split by image 30
 shared tf_efficientnet_lite0 ImageNet weights (../shared/weights), the tiles resized to
 `--min-size` px inside the network (smaller than 512 on CPU), training time-boxed by
 `--time-limit` seconds (the epoch in progress stops, is validated, and the best epoch is kept).
-The R-CNN rows (classifier only, + SVM, + box regression) come from `rcnn_rows`, the hook of the
-R-CNN half (branch detect-b), which calls workflow.fit(method="rcnn") three times.
+The R-CNN rows (classifier only, + SVM, + box regression) share one `regions` set (selective
+search `fast` on each tile scaled to `--search-side` px, 96-px crops) and one region classifier
+(lite0 fine-tuned on it, focal loss, balanced sampler), then call workflow.fit(method="rcnn")
+three times. `proposal_recall` reports how many true boxes the proposals reach at IoU 0.5.
 
 Per row: test mAP@0.5 with its 95% bootstrap CI, mAP@[.5:.95], recall and precision at the score
 threshold chosen on validation for recall 0.9, fit time (wall), images/s of evaluation (decode
-included).
+included); then `speed` re-times every row's run on the test files in one process, interleaved.
 
     python benchmarks/detect_synthetic.py [--shared ../shared] [--out runs/detect-synthetic]
-        [--min-size 256] [--epochs 4] [--time-limit 1200] [--classifier RUN]
+        [--min-size 256] [--epochs 4] [--time-limit 1200] [--skip-faster-rcnn] [--speed-only]
 """
 
 from __future__ import annotations
@@ -26,14 +28,22 @@ import os
 import resource
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 import visiontune
 from visiontune.bench.benchmark import machine
+from visiontune.config import DEFAULT_MAX_PIXELS
+from visiontune.data.images import load_rgb
 from visiontune.detect import make_tiles, workflow
 from visiontune.detect.faster_rcnn import FasterRCNNOptions
+from visiontune.detect.labelling import box_iou
+from visiontune.detect.proposals import ProposalCache
 from visiontune.detect.rcnn import RCNNOptions
 from visiontune.detect.regions import regions
+from visiontune.detect.run import DetectorRun, detect_files
 
 TILES, TILE_SIZE, SEED, TARGET_RECALL = 500, 512, 0, 0.9
 RESULTS = Path(__file__).parent / "results" / "detect_synthetic_cpu.json"
@@ -66,13 +76,38 @@ def region_set(coco: Path, out: Path, args) -> dict:
         shutil.rmtree(out / "regions")
     started = time.perf_counter()
     summary = regions(coco.parent / "images", coco, out / "regions", proposals=args.proposals,
-                      max_proposals=args.max_proposals, max_negatives=args.max_negatives, size=args.crop_size,
-                      seed=SEED, val_fraction=0.2,
+                      max_proposals=args.max_proposals, search_side=args.search_side,
+                      max_negatives=args.max_negatives, size=args.crop_size, seed=SEED, val_fraction=0.2,
                       test_fraction=0.2, progress=False)
     return {"seconds": time.perf_counter() - started,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "regions": summary["regions"], "regions_per_split": summary["regions_per_split"],
             "images_per_split": summary["images_per_split"], "options": summary["options"]}
+
+
+def proposal_recall(coco: Path, out: Path, args) -> dict:
+    """Share of the true boxes that some proposal overlaps at IoU >= 0.5, per class, from the
+    proposals `regions` cached (the same ones every R-CNN row uses: the proposals are seeded by
+    nothing but the image)."""
+    data = json.loads(coco.read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    boxes: dict[int, list] = {}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        boxes.setdefault(a["image_id"], []).append(([x, y, x + w, y + h], names[a["category_id"]]))
+    cache = ProposalCache(out / "regions" / "proposals", args.proposals, args.max_proposals, args.search_side)
+    found, total, counts = Counter(), Counter(), []
+    for image in data["images"]:
+        path = coco.parent / "images" / image["file_name"]
+        proposals = cache.proposals(path, np.asarray(load_rgb(path, DEFAULT_MAX_PIXELS)))
+        counts.append(len(proposals))
+        for box, name in boxes.get(image["id"], []):
+            total[name] += 1
+            best = box_iou(np.array([box], np.float32), proposals).max(initial=0.0)
+            found[name] += int(best >= 0.5)
+    return {"recall_at_iou_0.5": {name: found[name] / total[name] for name in sorted(total)},
+            "recall_all": sum(found.values()) / max(1, sum(total.values())), "boxes": dict(total),
+            "mean_proposals": float(np.mean(counts)), "cache": {"hits": cache.hits, "misses": cache.misses}}
 
 
 def region_classifier(out: Path, weights: Path, args) -> tuple[Path, float]:
@@ -104,7 +139,7 @@ def rcnn_rows(coco: Path, out: Path, args, classifier: Path, stages: dict) -> li
         if run_dir.exists():
             shutil.rmtree(run_dir)
         options = RCNNOptions(classifier_run=classifier, proposals=args.proposals, max_proposals=args.max_proposals,
-                              svm=svm, box_regression=box_regression, seed=SEED, device="cpu")
+                              search_side=args.search_side, svm=svm, box_regression=box_regression, seed=SEED, device="cpu")
         started = time.perf_counter()
         run = workflow.fit(coco, coco.parent / "images", run_dir, method="rcnn", target_recall=TARGET_RECALL,
                            seed=SEED, rcnn=options)
@@ -115,6 +150,24 @@ def rcnn_rows(coco: Path, out: Path, args, classifier: Path, stages: dict) -> li
                    "pipeline_fit_seconds": stages["regions"]["seconds"] + stages["classifier_seconds"] + result["fit_seconds"]}
         rows.append(result)
     return rows
+
+
+def speed(rows: list[dict], rounds: int) -> dict:
+    """Images/s of every run on its 100 test files, timed again in this one process, the runs
+    interleaved round by round (best round kept), so the ratios compare like with like: the same
+    load, the same decode (`detect_files`, as `evaluate`). Each detector is loaded and warmed on two
+    images first."""
+    runs = {r["name"]: DetectorRun(r["run"]) for r in rows}
+    paths = {name: [t.path for t in run.split_targets("test")] for name, run in runs.items()}
+    for name, run in runs.items():
+        detect_files(run.detector, paths[name][:2])
+    best = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            kept, _, _, seconds = detect_files(run.detector, paths[name])
+            best[name] = max(best[name], len(kept) / seconds)
+    return {"rounds": rounds, "images": {name: len(p) for name, p in paths.items()}, "images_per_second": best,
+            "load_average": list(os.getloadavg())}
 
 
 def tiles(out: Path, n_tiles: int) -> Path:
@@ -141,21 +194,34 @@ def main() -> None:
     parser.add_argument("--min-size", type=int, default=256, help="Network input side (tiles are 512 px).")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--time-limit", type=float, default=1200.0, help="Seconds of Faster R-CNN training at most.")
-    parser.add_argument("--proposals", default="sliding", help="R-CNN proposals: sliding, fast or quality.")
-    parser.add_argument("--max-proposals", type=int, default=100)
+    parser.add_argument("--proposals", default="fast", help="R-CNN proposals: sliding, fast or quality.")
+    parser.add_argument("--max-proposals", type=int, default=2000)
+    parser.add_argument("--search-side", type=int, default=256, help="Selective search's longer image side.")
     parser.add_argument("--max-negatives", type=int, default=16, help="Background crops per image for the classifier.")
     parser.add_argument("--crop-size", type=int, default=96, help="R-CNN region crop side (classifier input).")
     parser.add_argument("--region-epochs", type=int, default=3, help="Epochs of the region classifier.")
     parser.add_argument("--skip-faster-rcnn", action="store_true")
     parser.add_argument("--skip-rcnn", action="store_true")
+    parser.add_argument("--speed-rounds", type=int, default=2,
+                        help="Rounds of the same-process speed comparison of every row's run (0: none).")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="Only re-time the stored rows' runs (the results file's), fitting nothing.")
     args = parser.parse_args()
     weights = args.shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    if args.speed_only:
+        result = json.loads(RESULTS.read_text())
+        result["speed"] = speed(result["rows"], args.speed_rounds)
+        RESULTS.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["speed"], indent=2))
+        return
     coco = tiles(args.out, args.tiles)
     stages: dict = {}
     if not args.skip_rcnn:  # regions first, so that the peak RSS measured after it is its own
         stages["regions"] = region_set(coco, args.out, args)
         print(f"regions: {stages['regions']['seconds']:.0f} s, peak RSS {stages['regions']['peak_rss_mib']:.0f} MiB, "
               f"{stages['regions']['regions_per_split']}", flush=True)
+        stages["proposal_recall"] = proposal_recall(coco, args.out, args)
+        print(f"proposals: {stages['proposal_recall']}", flush=True)
         classifier, stages["classifier_seconds"] = region_classifier(args.out, weights, args)
         print(f"region classifier: {stages['classifier_seconds']:.0f} s", flush=True)
     rows = []
@@ -170,6 +236,8 @@ def main() -> None:
     result = {"machine": machine(), "tiles": args.tiles, "tile_size": TILE_SIZE, "seed": SEED,
               "target_recall": TARGET_RECALL, "rows": merged(rows) if full else rows,
               "rcnn_stages": stages or stored.get("rcnn_stages")}
+    if args.speed_rounds:
+        result["speed"] = speed(result["rows"], args.speed_rounds)
     path = RESULTS if full else args.out / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

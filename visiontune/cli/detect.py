@@ -77,6 +77,7 @@ def fit(
                                                   help="rcnn: refine boxes by regression.")] = None,
     max_proposals: Annotated[Optional[int], Opt(help="rcnn: proposals per image [default: 300].")] = None,
     proposals: Annotated[Optional[str], Opt(help="rcnn: fast | quality | sliding")] = None,
+    search_side: Annotated[Optional[int], Opt(help="rcnn: selective search's longer image side [default: 512].")] = None,
     report: Annotated[bool, Opt("--report/--no-report", help="Write the test report.")] = True,
 ) -> None:
     """Fit a detector: the score threshold chosen on validation for --target-recall, the test split
@@ -95,9 +96,11 @@ def fit(
                             "not for --method rcnn")
 
         regions = _options(RCNNOptions, classifier_run=classifier, svm=svm, box_regression=box_regression,
-                           max_proposals=max_proposals, proposals=proposals)
-    elif classifier is not None or any(v is not None for v in (svm, box_regression, max_proposals, proposals)):
-        raise UserError("--classifier, --svm, --box-regression, --max-proposals and --proposals are for --method rcnn")
+                           max_proposals=max_proposals, proposals=proposals, search_side=search_side)
+    elif classifier is not None or any(v is not None for v in (svm, box_regression, max_proposals, proposals,
+                                                               search_side)):
+        raise UserError("--classifier, --svm, --box-regression, --max-proposals, --proposals and --search-side "
+                        "are for --method rcnn")
     else:
         from visiontune.detect.faster_rcnn import FasterRCNNOptions
 

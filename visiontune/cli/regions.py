@@ -23,6 +23,8 @@ def regions(
     max_negatives: Annotated[int, Opt(help="Background regions kept per image, the highest IoU first.")] = 32,
     proposals: Annotated[str, Opt(help="fast | quality (selective search) | sliding (windows)")] = "fast",
     max_proposals: Annotated[int, Opt(help="Proposals per image.")] = 2000,
+    search_side: Annotated[int, Opt(help="Selective search runs on the image scaled to this longer side "
+                                         "(its time grows with the area).")] = 512,
     size: Annotated[int, Opt(help="Crop side in pixels (warped, aspect not kept).")] = 224,
     context: Annotated[int, Opt(help="Pixels of surroundings on each side of the warped box.")] = 16,
     val_fraction: Annotated[float, Opt(help="Share of the images in val.")] = 0.2,
@@ -34,7 +36,7 @@ def regions(
     from visiontune.detect.regions import regions as write
 
     summary = write(images, boxes, out, format, iou_pos=iou_pos, iou_neg=iou_neg, max_negatives=max_negatives,
-                    proposals=proposals, max_proposals=max_proposals, size=size, context=context,
+                    proposals=proposals, max_proposals=max_proposals, search_side=search_side, size=size, context=context,
                     val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     for row in summary["skipped"]:
         err.print(f"skipped {row['path']}: {row['reason']}", markup=False)

@@ -27,6 +27,7 @@ SELECTIVE_SEARCH_FIX = (
 )
 MIN_SIDE = 8.0  # proposals narrower or lower than this (pixels) carry too little to classify
 SEARCH_SIDE = 512  # selective search runs with the longer side at most this (its time grows with area)
+MIN_SEARCH_SIDE = 32
 CACHE_VERSION = 1  # bump when the proposals for the same image and options change
 WINDOW_FRACTIONS = (1.0, 0.5, 0.25, 0.125)  # sliding-window sides, as shares of the shorter image side
 WINDOW_ASPECTS = (0.5, 1.0, 2.0)  # width / height
@@ -54,6 +55,8 @@ def propose(image: np.ndarray, mode: str = "fast", max_proposals: int = 2000, *,
         raise UserError(f"proposals must be one of {', '.join(MODES)}, not {mode!r}")
     if max_proposals < 1:
         raise UserError(f"max_proposals must be at least 1 (got {max_proposals})")
+    if search_side < MIN_SEARCH_SIDE:
+        raise UserError(f"the selective-search side must be at least {MIN_SEARCH_SIDE} pixels (got {search_side})")
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 H x W x 3 array, got {image.dtype} {image.shape}")
@@ -140,19 +143,22 @@ def _clean(boxes: np.ndarray, width: int, height: int, min_side: float) -> np.nd
 
 class ProposalCache:
     """Proposals of image files in a folder of `.npy` files, keyed by the file's bytes (so a renamed
-    image is a hit and an edited one a miss), the mode and the maximum. Each file is written whole
+    image is a hit and an edited one a miss), the mode, the search side and the maximum. Each file is written whole
     or not at all; a damaged one is recomputed."""
 
-    def __init__(self, folder: str | Path, mode: str = "fast", max_proposals: int = 2000) -> None:
+    def __init__(self, folder: str | Path, mode: str = "fast", max_proposals: int = 2000,
+                 search_side: int = SEARCH_SIDE) -> None:
         self.folder = Path(folder)
         self.mode = mode
         self.max_proposals = max_proposals
+        self.search_side = search_side
         self.hits = 0
         self.misses = 0
 
     def path_for(self, image_path: str | Path) -> Path:
         digest = hashlib.sha1(Path(image_path).read_bytes()).hexdigest()
-        name = f"{digest}-{self.mode}-{self.max_proposals}-v{CACHE_VERSION}.npy"
+        searched = "" if self.mode == "sliding" else f"-s{self.search_side}"  # windows ignore the search side
+        name = f"{digest}-{self.mode}{searched}-{self.max_proposals}-v{CACHE_VERSION}.npy"
         return self.folder / name[:2] / name
 
     def proposals(self, image_path: str | Path, image: np.ndarray) -> np.ndarray:
@@ -166,7 +172,7 @@ class ProposalCache:
                     return boxes
             except (OSError, ValueError):
                 pass  # damaged: recomputed and rewritten below
-        boxes = propose(image, self.mode, self.max_proposals)
+        boxes = propose(image, self.mode, self.max_proposals, search_side=self.search_side)
         atomic_write(path, lambda tmp: _save_npy(tmp, boxes))
         self.misses += 1
         return boxes

@@ -27,7 +27,7 @@ from torchvision.ops import batched_nms
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import ImageLoadError, load_rgb
 from visiontune.detect.labelling import BACKGROUND, box_iou, crop_region
-from visiontune.detect.proposals import ProposalCache, propose
+from visiontune.detect.proposals import MIN_SEARCH_SIDE, SEARCH_SIDE, ProposalCache, propose
 from visiontune.detect.region_heads import (
     decode_boxes,
     fit_box_regressor,
@@ -57,6 +57,7 @@ class RCNNOptions(BaseModel):
     classifier_run: Path
     proposals: str = "fast"
     max_proposals: int = Field(300, ge=1)
+    search_side: int = Field(SEARCH_SIDE, ge=MIN_SEARCH_SIDE)  # selective search on the image scaled to this side
     svm: bool = True
     box_regression: bool = True
     nms_iou: float = Field(0.3, gt=0, le=1)
@@ -150,7 +151,8 @@ class RCNNDetector:
 
     def detect(self, image: np.ndarray) -> Detections:
         height, width = image.shape[:2]
-        proposals = propose(image, self.options.proposals, self.options.max_proposals)
+        options = self.options
+        proposals = propose(image, options.proposals, options.max_proposals, search_side=options.search_side)
         if len(proposals) == 0:
             return Detections.empty()
         features, probabilities = self.encoder(image, proposals)
@@ -224,7 +226,7 @@ def fit_rcnn(train: list[ImageTargets], val: list[ImageTargets], classes: list[s
         raise UserError("R-CNN needs training images")
     encoder = RegionFeatures(options.classifier_run, options)
     class_columns(encoder.labels, classes)
-    cache = ProposalCache(out / PROPOSALS_DIR, options.proposals, options.max_proposals)
+    cache = ProposalCache(out / PROPOSALS_DIR, options.proposals, options.max_proposals, options.search_side)
     rng = np.random.default_rng(options.seed)
     train_table, train_skipped = _region_table(train, classes, encoder, cache, options, rng)
     val_table, val_skipped = _region_table(val, classes, encoder, cache, options, rng)

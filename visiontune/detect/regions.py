@@ -36,7 +36,7 @@ from visiontune.detect.labelling import (
     crop_region,
     label_proposals,
 )
-from visiontune.detect.proposals import MODES, ProposalCache
+from visiontune.detect.proposals import MIN_SEARCH_SIDE, MODES, SEARCH_SIDE, ProposalCache
 from visiontune.detect.types import ImageTargets
 from visiontune.errors import UserError
 from visiontune.io import write_csv_atomic, write_text_atomic
@@ -50,7 +50,7 @@ CSV_COLUMNS = ["path", "label", "iou", "image", "box", "split"]
 
 def regions(images: str | Path, boxes: str | Path, out: str | Path, fmt: str = "auto", *, iou_pos: float = 0.5,
             iou_neg: float = 0.3, max_negatives: int = 32, proposals: str = "fast", max_proposals: int = 2000,
-            size: int = 224, context: int = 16, val_fraction: float = 0.2, test_fraction: float = 0.2,
+            search_side: int = SEARCH_SIDE, size: int = 224, context: int = 16, val_fraction: float = 0.2, test_fraction: float = 0.2,
             seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> dict:
     """Parse the annotations `boxes` of the images under `images`, split them by image and write
     the region crops and `regions.csv` under `out`; returns the summary (also `regions.json`)."""
@@ -58,7 +58,7 @@ def regions(images: str | Path, boxes: str | Path, out: str | Path, fmt: str = "
     splits = split_detection_set(dataset, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     summary = write_regions(splits, dataset.classes, out, iou_pos=iou_pos, iou_neg=iou_neg,
                             max_negatives=max_negatives, proposals=proposals, max_proposals=max_proposals,
-                            size=size, context=context, max_pixels=max_pixels, progress=progress)
+                            search_side=search_side, size=size, context=context, max_pixels=max_pixels, progress=progress)
     summary["annotation_problems"] = [{"source": p.source, "reason": p.reason} for p in dataset.problems]
     summary["split_seed"] = seed
     write_text_atomic(Path(out) / REGIONS_SUMMARY, _json(summary))
@@ -67,18 +67,18 @@ def regions(images: str | Path, boxes: str | Path, out: str | Path, fmt: str = "
 
 def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out: str | Path, *,
                   iou_pos: float = 0.5, iou_neg: float = 0.3, max_negatives: int = 32, proposals: str = "fast",
-                  max_proposals: int = 2000, size: int = 224, context: int = 16,
+                  max_proposals: int = 2000, search_side: int = SEARCH_SIDE, size: int = 224, context: int = 16,
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> dict:
     """The crops and `regions.csv` of images already split (`split name -> images`)."""
     started = time.perf_counter()
     if BACKGROUND in classes:
         raise UserError(f"'{BACKGROUND}' is the name of the negative regions; rename that annotation class")
-    check_region_options(iou_pos, iou_neg, max_negatives, proposals, max_proposals, size, context)
+    check_region_options(iou_pos, iou_neg, max_negatives, proposals, max_proposals, size, context, search_side)
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"unknown split name(s): {', '.join(unknown)}")
     out = Path(out).expanduser()
-    cache = ProposalCache(out / PROPOSALS_DIR, proposals, max_proposals)
+    cache = ProposalCache(out / PROPOSALS_DIR, proposals, max_proposals, search_side)
     names = [*classes]
     rows: list[list] = []
     skipped: list[dict] = []
@@ -120,7 +120,7 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
         "images_per_split": {split: len({r[3] for r in rows if r[5] == split}) for split in SPLITS},
         "regions": len(rows), "regions_per_split": counts, "skipped": skipped, "notes": notes,
         "options": {"iou_pos": iou_pos, "iou_neg": iou_neg, "max_negatives": max_negatives, "proposals": proposals,
-                    "max_proposals": max_proposals, "size": size, "context": context},
+                    "max_proposals": max_proposals, "search_side": search_side, "size": size, "context": context},
         "proposal_cache": {"hits": cache.hits, "misses": cache.misses},
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -129,12 +129,14 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
 
 
 def check_region_options(iou_pos: float, iou_neg: float, max_negatives: int, proposals: str, max_proposals: int,
-                         size: int, context: int) -> None:
+                         size: int, context: int, search_side: int = SEARCH_SIDE) -> None:
     """One message for an option that cannot work, before any image is read."""
     if not 0 <= iou_neg <= iou_pos <= 1:
         raise UserError(f"need 0 <= --iou-neg <= --iou-pos <= 1 (got {iou_neg} and {iou_pos})")
     if max_negatives < 0 or max_proposals < 1:
         raise UserError("--max-negatives must be 0 or more and --max-proposals 1 or more")
+    if search_side < MIN_SEARCH_SIDE:
+        raise UserError(f"--search-side must be at least {MIN_SEARCH_SIDE} pixels (got {search_side})")
     if proposals not in MODES:
         raise UserError(f"--proposals must be one of {', '.join(MODES)}, not {proposals!r}")
     if size < 8 or not 0 <= 2 * context < size:

@@ -48,6 +48,8 @@ def test_a_wrong_mode_or_maximum_is_one_message():
         propose(tile(), "edges")
     with pytest.raises(UserError, match="at least 1"):
         propose(tile(), "sliding", max_proposals=0)
+    with pytest.raises(UserError, match="selective-search side must be at least 32 pixels"):
+        propose(tile(), "fast", search_side=16)
 
 
 def test_selective_search_without_the_contrib_build_says_how_to_fix(monkeypatch):
@@ -79,6 +81,20 @@ def test_the_cache_returns_the_same_boxes_and_writes_nothing_new(tmp_path):
     assert len([f for f in files if f.suffix == ".npy"]) == 1
     other = ProposalCache(tmp_path / "cache", "sliding", 20).proposals(path, tile())
     assert len(other) == 20  # another maximum is another entry
+
+
+def test_the_search_side_keys_selective_search_entries_but_not_windows(tmp_path, monkeypatch):
+    path = tmp_path / "tile.png"
+    Image.fromarray(tile()).save(path)
+    searched = []
+    monkeypatch.setattr(proposals_module, "_selective_search",
+                        lambda image, mode, side: searched.append(side) or np.array([[0, 0, side / 4, side / 4]]))
+    monkeypatch.setattr(proposals_module, "selective_search_available", lambda: True)
+    small = ProposalCache(tmp_path / "cache", "fast", 50, search_side=64).proposals(path, tile())
+    large = ProposalCache(tmp_path / "cache", "fast", 50, search_side=256).proposals(path, tile())
+    assert searched == [64, 256] and small.tolist() == [[0, 0, 16, 16]] and large.tolist() == [[0, 0, 64, 64]]
+    windows = [ProposalCache(tmp_path / "cache", "sliding", 50, search_side=side) for side in (64, 256)]
+    assert windows[0].path_for(path) == windows[1].path_for(path)
 
 
 def test_a_damaged_cache_file_is_recomputed(tmp_path):

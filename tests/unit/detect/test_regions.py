@@ -96,3 +96,15 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path):
 def test_a_class_named_background_is_refused(tmp_path):
     with pytest.raises(UserError, match="'background' is the name of the negative regions"):
         write_regions({"train": []}, ["crack", BACKGROUND], tmp_path, **REGION_OPTIONS)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"iou_neg": 0.6}, "need 0 <= --iou-neg <= --iou-pos <= 1"),
+    ({"search_side": 16}, "--search-side must be at least 32 pixels"),
+    ({"size": 8}, "--size 8 with --context 4"),
+])
+def test_an_option_that_cannot_work_is_one_message_before_any_image_is_read(tmp_path, option, message):
+    missing = ImageTargets(tmp_path / "absent.png", 64, 64, np.zeros((0, 4)), [])
+    with pytest.raises(UserError, match=message):
+        write_regions({"train": [missing]}, ["crack"], tmp_path / "out", **(REGION_OPTIONS | option))
+    assert not (tmp_path / "out").exists()
