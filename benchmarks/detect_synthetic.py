@@ -38,6 +38,7 @@ from visiontune.bench.benchmark import machine
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import load_rgb
 from visiontune.detect import make_tiles, workflow
+from visiontune.detect.evaluation import average_precision_50, match_all
 from visiontune.detect.faster_rcnn import FasterRCNNOptions
 from visiontune.detect.labelling import box_iou
 from visiontune.detect.proposals import ProposalCache
@@ -61,12 +62,19 @@ def row(name: str, run, started: float) -> dict:
 
 
 def faster_rcnn_row(coco: Path, out: Path, weights: Path, args) -> dict:
+    ratios = tuple(float(r) for r in args.anchor_ratios.split(","))
     options = FasterRCNNOptions(weights=str(weights), min_size=args.min_size, max_size=args.min_size,
-                                epochs=args.epochs, time_limit_s=args.time_limit, seed=SEED, device="cpu")
+                                epochs=args.epochs, time_limit_s=args.time_limit, seed=SEED, device="cpu",
+                                anchor_ratios=ratios)
+    default = ratios == FasterRCNNOptions().anchor_ratios
+    name = f"Faster R-CNN, lite0 FPN, {args.min_size} px" + ("" if default else f", anchor ratios {args.anchor_ratios}")
+    run_dir = out / ("faster-rcnn" if default else f"faster-rcnn-ratios-{args.anchor_ratios.replace(',', '-')}")
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     started = time.perf_counter()
-    run = workflow.fit(coco, coco.parent / "images", out / "faster-rcnn", method="faster-rcnn",
+    run = workflow.fit(coco, coco.parent / "images", run_dir, method="faster-rcnn",
                        target_recall=TARGET_RECALL, seed=SEED, faster_rcnn=options)
-    return row(f"Faster R-CNN, lite0 FPN, {args.min_size} px", run, started) | {"options": options.model_dump(mode="json")}
+    return row(name, run, started) | {"options": options.model_dump(mode="json")}
 
 
 def region_set(coco: Path, out: Path, args) -> dict:
@@ -156,18 +164,56 @@ def speed(rows: list[dict], rounds: int) -> dict:
     """Images/s of every run on its 100 test files, timed again in this one process, the runs
     interleaved round by round (best round kept), so the ratios compare like with like: the same
     load, the same decode (`detect_files`, as `evaluate`). Each detector is loaded and warmed on two
-    images first."""
+    images first. The last round's detections give the paired differences (`paired`)."""
     runs = {r["name"]: DetectorRun(r["run"]) for r in rows}
-    paths = {name: [t.path for t in run.split_targets("test")] for name, run in runs.items()}
+    targets = {name: run.split_targets("test") for name, run in runs.items()}
     for name, run in runs.items():
-        detect_files(run.detector, paths[name][:2])
-    best = dict.fromkeys(runs, 0.0)
+        detect_files(run.detector, [t.path for t in targets[name][:2]])
+    best, found = dict.fromkeys(runs, 0.0), {}
     for _ in range(rounds):
         for name, run in runs.items():
-            kept, _, _, seconds = detect_files(run.detector, paths[name])
+            kept, found[name], _, seconds = detect_files(run.detector, [t.path for t in targets[name]])
             best[name] = max(best[name], len(kept) / seconds)
-    return {"rounds": rounds, "images": {name: len(p) for name, p in paths.items()}, "images_per_second": best,
-            "load_average": list(os.getloadavg())}
+    return {"rounds": rounds, "images": {name: len(t) for name, t in targets.items()}, "images_per_second": best,
+            "load_average": list(os.getloadavg()), "paired": paired(runs, targets, found)}
+
+
+PAIRS = [("R-CNN + SVM", "R-CNN, classifier only"), ("R-CNN + SVM + box regression", "R-CNN + SVM")]
+
+
+def paired(runs: dict, targets: dict, found: dict, resamples: int = 1000) -> list[dict]:
+    """Paired bootstrap of each R-CNN step and of each Faster R-CNN row against the full R-CNN:
+    the same resampled test images score both rows (greedy matching at IoU 0.5 for AP@0.5, and at
+    0.5:0.95 for the COCO mAP), 95% percentile interval of the difference; every box the runs
+    return counts, as in `evaluate`'s AP (the threshold only sets recall and precision)."""
+    full = "R-CNN + SVM + box regression"
+    pairs = PAIRS + [(name, full) for name in runs if name.startswith("Faster")]
+    pairs = [(a, b) for a, b in pairs if a in runs and b in runs]
+    if any(str(t.path) != str(u.path) for a, b in pairs for t, u in zip(targets[a], targets[b])):
+        raise SystemExit("the runs' test splits differ: paired differences need the same images")
+    ious = np.linspace(0.5, 0.95, 10)
+    classes = len(next(iter(runs.values())).classes)
+    matched = {name: [match_all(found[name], targets[name], classes, iou) for iou in ious] for name in runs}
+
+    def scores(name: str, index: np.ndarray) -> tuple[float, float]:
+        at = [average_precision_50([per_iou[i] for i in index], classes)[0] for per_iou in matched[name]]
+        return at[0], float(np.mean(at))
+
+    rng = np.random.default_rng(SEED)
+    n = len(next(iter(targets.values())))
+    draws = [rng.integers(0, n, n) for _ in range(resamples)]
+    out = []
+    for a, b in pairs:
+        everything = np.arange(n)
+        point = np.subtract(scores(a, everything), scores(b, everything))
+        deltas = np.array([np.subtract(scores(a, d), scores(b, d)) for d in draws])
+        low, high = np.percentile(deltas, [2.5, 97.5], axis=0)
+        out.append({"row": a, "minus": b, "map_50_difference": float(point[0]),
+                    "map_50_ci95": [float(low[0]), float(high[0])], "map_difference": float(point[1]),
+                    "map_ci95": [float(low[1]), float(high[1])]})
+        print(f"{a} - {b}: mAP@0.5 {point[0]:+.3f} [{low[0]:+.3f}, {high[0]:+.3f}], "
+              f"mAP@[.5:.95] {point[1]:+.3f} [{low[1]:+.3f}, {high[1]:+.3f}]", flush=True)
+    return out
 
 
 def tiles(out: Path, n_tiles: int) -> Path:
@@ -194,6 +240,7 @@ def main() -> None:
     parser.add_argument("--min-size", type=int, default=256, help="Network input side (tiles are 512 px).")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--time-limit", type=float, default=1200.0, help="Seconds of Faster R-CNN training at most.")
+    parser.add_argument("--anchor-ratios", default="0.5,1,2", help="Faster R-CNN anchors' height / width ratios.")
     parser.add_argument("--proposals", default="fast", help="R-CNN proposals: sliding, fast or quality.")
     parser.add_argument("--max-proposals", type=int, default=2000)
     parser.add_argument("--search-side", type=int, default=256, help="Selective search's longer image side.")
@@ -208,10 +255,12 @@ def main() -> None:
                         help="Only re-time the stored rows' runs (the results file's), fitting nothing.")
     args = parser.parse_args()
     weights = args.shared / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    full = args.tiles == TILES
+    path = RESULTS if full else args.out / "results.json"
     if args.speed_only:
-        result = json.loads(RESULTS.read_text())
+        result = json.loads(path.read_text())
         result["speed"] = speed(result["rows"], args.speed_rounds)
-        RESULTS.write_text(json.dumps(result, indent=2))
+        path.write_text(json.dumps(result, indent=2))
         print(json.dumps(result["speed"], indent=2))
         return
     coco = tiles(args.out, args.tiles)
@@ -226,19 +275,15 @@ def main() -> None:
         print(f"region classifier: {stages['classifier_seconds']:.0f} s", flush=True)
     rows = []
     if not args.skip_faster_rcnn:
-        if (args.out / "faster-rcnn").exists():
-            shutil.rmtree(args.out / "faster-rcnn")
         rows.append(faster_rcnn_row(coco, args.out, weights, args))
     if not args.skip_rcnn:
         rows += rcnn_rows(coco, args.out, args, classifier, stages)
-    full = args.tiles == TILES
     stored = json.loads(RESULTS.read_text()) if full and RESULTS.is_file() else {}
     result = {"machine": machine(), "tiles": args.tiles, "tile_size": TILE_SIZE, "seed": SEED,
               "target_recall": TARGET_RECALL, "rows": merged(rows) if full else rows,
               "rcnn_stages": stages or stored.get("rcnn_stages")}
     if args.speed_rounds:
         result["speed"] = speed(result["rows"], args.speed_rounds)
-    path = RESULTS if full else args.out / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"{'row':44s} {'mAP@0.5 [95% CI]':24s} {'mAP':>6s} {'recall@t':>8s} {'fit s':>7s} {'img/s':>6s}")

@@ -114,6 +114,21 @@ def test_cli_fit_predict_evaluate_and_errors(tiles: Path, tmp_path: Path) -> Non
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_anchor_ratios_shape_the_rpn_anchors() -> None:
+    wide = faster_rcnn.build_model(FasterRCNNOptions(**TINY, anchor_ratios=(0.25, 1.0, 4.0)), num_classes=2)
+    generator = wide.rpn.anchor_generator
+    assert generator.num_anchors_per_location() == [3] * 4  # timm-fpn: three levels and a pooled one
+    cells = generator.cell_anchors or generator.generate_anchors(generator.sizes, generator.aspect_ratios)
+    sides = cells[0][:, 2:] - cells[0][:, :2]  # [ratio, (w, h)] of the smallest level
+    assert torch.allclose(sides[:, 1] / sides[:, 0], torch.tensor([0.25, 1.0, 4.0]), rtol=0.1)
+    default = faster_rcnn.build_model(FasterRCNNOptions(**TINY), num_classes=2).rpn.anchor_generator
+    assert default.aspect_ratios[0] == (0.5, 1.0, 2.0)  # runs fitted before the option load as they were
+    for given, expected in (("0.25,x", "not a comma-separated list of numbers"), ("0,1", "--anchor-ratios: Input "
+                                                                                          "should be greater than 0")):
+        result = cli("detect", "fit", "imgs", "--boxes", "a.json", "--anchor-ratios", given)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_classifier_runs_backbone_initialises_timm_fpn(tmp_path: Path) -> None:
     classifier = timm.create_model("test_resnet", num_classes=3)
     run_dir = tmp_path / "classifier"

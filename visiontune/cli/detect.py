@@ -43,7 +43,17 @@ def _options(model_class, **given):
         return model_class(**{name: value for name, value in given.items() if value is not None})
     except ValidationError as exc:
         problem = exc.errors()[0]
-        raise UserError(f"--{'-'.join(map(str, problem['loc'])).replace('_', '-')}: {problem['msg']}") from None
+        raise UserError(f"--{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}") from None
+
+
+def _ratios(text: str | None) -> tuple[float, ...] | None:
+    """'0.25,0.5,1' -> (0.25, 0.5, 1.0); not numbers is one message (the options model checks the values)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--anchor-ratios: {text!r} is not a comma-separated list of numbers") from None
 
 
 @detect_app.command()
@@ -69,6 +79,8 @@ def fit(
     min_size: Annotated[Optional[int], Opt(help="faster-rcnn: shorter image side in the network [default: 320].")] = None,
     max_size: Annotated[Optional[int], Opt(help="faster-rcnn: longest image side in the network [default: 512].")] = None,
     hflip: Annotated[Optional[bool], Opt("--hflip/--no-hflip", help="faster-rcnn: random horizontal flips.")] = None,
+    anchor_ratios: Annotated[Optional[str], Opt(help="faster-rcnn: anchor height/width ratios, e.g. 0.25,0.5,1,2,4 "
+                                                     "for long thin objects [default: 0.5,1,2].")] = None,
     patience: Annotated[Optional[int], Opt(help="faster-rcnn: epochs without a better val mAP before stopping.")] = None,
     device: Annotated[Optional[str], Opt(help="faster-rcnn: auto | cpu | cuda")] = None,
     classifier: Annotated[Optional[Path], Opt(help="rcnn: a visiontune classifier run fine-tuned on regions.")] = None,
@@ -86,7 +98,7 @@ def fit(
     faster, regions = None, None
     frcnn_flags = dict(epochs=epochs, model=model, arch=arch, weights=weights, pretrained=pretrained,
                        batch_size=batch_size, lr=lr, optimizer=optimizer, min_size=min_size, max_size=max_size,
-                       hflip=hflip, patience=patience, device=device)
+                       hflip=hflip, patience=patience, device=device, anchor_ratios=_ratios(anchor_ratios))
     if method == "rcnn":
         from visiontune.detect.rcnn import RCNNOptions
 

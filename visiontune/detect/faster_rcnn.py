@@ -19,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
 import safetensors.torch
@@ -82,6 +82,9 @@ class FasterRCNNOptions(BaseModel):
     min_size: int = Field(320, ge=32)  # the shorter side images are resized to
     max_size: int = Field(512, ge=32)
     fpn_channels: int = Field(96, ge=8)
+    # the anchors' height / width at every location (torchvision's aspect_ratios, in its order);
+    # long thin objects (cracks) want 0.25 and 4 too
+    anchor_ratios: tuple[Annotated[float, Field(gt=0)], ...] = Field((0.5, 1.0, 2.0), min_length=1)
     hflip: bool = True
     freeze_early: bool = True  # timm-fpn: the stem and the stride-2 and -4 stages stay as they are
     patience: int = Field(4, ge=1)
@@ -142,7 +145,7 @@ def build_model(options: FasterRCNNOptions, num_classes: int, initialise: bool =
         if initialise and options.pretrained:
             _load_resnet50(backbone, _resnet_state(options))
         fpn = _resnet_fpn_extractor(backbone, 3, norm_layer=nn.BatchNorm2d)
-        anchors = _anchors(options.min_size, levels=5)
+        anchors = _anchors(options.min_size, options.anchor_ratios, levels=5)
         return FasterRCNN(
             fpn, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
             rpn_head=RPNHead(fpn.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
@@ -155,7 +158,7 @@ def build_model(options: FasterRCNNOptions, num_classes: int, initialise: bool =
         _freeze_early_stages(body)
     backbone = TimmFPN(freeze_batch_norm_2d(body), options.fpn_channels)
     config = body.pretrained_cfg
-    anchors = _anchors(options.min_size, levels=4)
+    anchors = _anchors(options.min_size, options.anchor_ratios, levels=4)
     pooler = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
     return FasterRCNN(
         backbone, rpn_anchor_generator=anchors, box_roi_pool=pooler,
@@ -255,10 +258,10 @@ def _freeze_early_stages(body: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
-def _anchors(min_size: int, levels: int) -> AnchorGenerator:
+def _anchors(min_size: int, ratios: tuple[float, ...], levels: int) -> AnchorGenerator:
     sizes = [max(4, round(min_size * f)) for f in ANCHOR_FRACTIONS]
     sizes = (sizes + [sizes[-1] * 2 ** (k + 1) for k in range(levels - len(sizes))])[:levels]
-    return AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * levels)
+    return AnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * levels)
 
 
 def _resolved_weights(options: FasterRCNNOptions) -> str | None:
