@@ -38,9 +38,10 @@ from visiontune.bench.benchmark import machine
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.images import load_rgb
 from visiontune.detect import make_tiles, workflow
+from visiontune.detect.annotations import load_annotations
 from visiontune.detect.evaluation import average_precision_50, match_all
 from visiontune.detect.faster_rcnn import FasterRCNNOptions
-from visiontune.detect.labelling import box_iou
+from visiontune.detect.labelling import reached
 from visiontune.detect.proposals import ProposalCache
 from visiontune.detect.rcnn import RCNNOptions
 from visiontune.detect.regions import regions
@@ -68,7 +69,8 @@ def faster_rcnn_row(coco: Path, out: Path, weights: Path, args) -> dict:
                                 anchor_ratios=ratios)
     default = ratios == FasterRCNNOptions().anchor_ratios
     name = f"Faster R-CNN, lite0 FPN, {args.min_size} px" + ("" if default else f", anchor ratios {args.anchor_ratios}")
-    run_dir = out / ("faster-rcnn" if default else f"faster-rcnn-ratios-{args.anchor_ratios.replace(',', '-')}")
+    run_dir = out / ("faster-rcnn" if default and args.min_size == 256 else
+                     f"faster-rcnn-{args.min_size}px-ratios-{args.anchor_ratios.replace(',', '-')}")
     if run_dir.exists():
         shutil.rmtree(run_dir)
     started = time.perf_counter()
@@ -94,25 +96,18 @@ def region_set(coco: Path, out: Path, args) -> dict:
 
 
 def proposal_recall(coco: Path, out: Path, args) -> dict:
-    """Share of the true boxes that some proposal overlaps at IoU >= 0.5, per class, from the
-    proposals `regions` cached (the same ones every R-CNN row uses: the proposals are seeded by
-    nothing but the image)."""
-    data = json.loads(coco.read_text())
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    boxes: dict[int, list] = {}
-    for a in data["annotations"]:
-        x, y, w, h = a["bbox"]
-        boxes.setdefault(a["image_id"], []).append(([x, y, x + w, y + h], names[a["category_id"]]))
+    """Share of the true boxes that some proposal overlaps at IoU >= 0.5, per class, over all 500
+    tiles (`regions.json` has it for the split ones too), from the proposals `regions` cached: the
+    same ones every R-CNN row uses (proposals depend on nothing but the image)."""
+    dataset = load_annotations(coco, coco.parent / "images")
     cache = ProposalCache(out / "regions" / "proposals", args.proposals, args.max_proposals, args.search_side)
     found, total, counts = Counter(), Counter(), []
-    for image in data["images"]:
-        path = coco.parent / "images" / image["file_name"]
-        proposals = cache.proposals(path, np.asarray(load_rgb(path, DEFAULT_MAX_PIXELS)))
+    for targets in dataset.images:
+        proposals = cache.proposals(targets.path, np.asarray(load_rgb(targets.path, DEFAULT_MAX_PIXELS)))
         counts.append(len(proposals))
-        for box, name in boxes.get(image["id"], []):
-            total[name] += 1
-            best = box_iou(np.array([box], np.float32), proposals).max(initial=0.0)
-            found[name] += int(best >= 0.5)
+        for label, hit in zip(targets.labels, reached(proposals, targets)):
+            total[dataset.classes[label]] += 1
+            found[dataset.classes[label]] += int(hit)
     return {"recall_at_iou_0.5": {name: found[name] / total[name] for name in sorted(total)},
             "recall_all": sum(found.values()) / max(1, sum(total.values())), "boxes": dict(total),
             "mean_proposals": float(np.mean(counts)), "cache": {"hits": cache.hits, "misses": cache.misses}}

@@ -32,7 +32,13 @@ from PIL import Image
 import visiontune
 from visiontune.bench.benchmark import machine
 from visiontune.data.images import load_rgb
-from visiontune.inference.engine import forward, iter_logits, load_for_inference, plan_inference, prepare_model
+from visiontune.inference.engine import (
+    forward,
+    iter_logits,
+    load_for_inference,
+    plan_inference,
+    prepare_model,
+)
 
 SHARED = Path("/work/shared")
 VARIANTS = {  # name: (plan options, draft decoding); everything else is the automatic CPU plan

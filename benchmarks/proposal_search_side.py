@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from visiontune.bench.benchmark import machine
-from visiontune.detect.labelling import box_iou
+from visiontune.detect.annotations import load_annotations
+from visiontune.detect.labelling import reached
 from visiontune.detect.proposals import propose
 from visiontune.detect.synthetic import make_tiles
 
@@ -36,27 +37,20 @@ def main() -> None:
     args = parser.parse_args()
     sides = [int(s) for s in args.sides.split(",")]
     coco = make_tiles(Path(tempfile.mkdtemp(prefix="search-side-")) / "tiles", args.images, size=512, seed=0)
-    data = json.loads(coco.read_text())
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    truth: dict[int, list] = {}
-    for a in data["annotations"]:
-        x, y, w, h = a["bbox"]
-        truth.setdefault(a["image_id"], []).append(([x, y, x + w, y + h], names[a["category_id"]]))
+    dataset = load_annotations(coco, coco.parent / "images")
     seconds, counts = Counter(), {side: [] for side in sides}
     found = {side: Counter() for side in sides}
-    total = Counter()
+    total = Counter(dataset.classes[label] for targets in dataset.images for label in targets.labels)
     load_before = os.getloadavg()
-    for image in data["images"]:
-        pixels = np.asarray(Image.open(coco.parent / "images" / image["file_name"]).convert("RGB"))
-        boxes = truth.get(image["id"], [])
-        total.update(name for _, name in boxes)
+    for targets in dataset.images:
+        pixels = np.asarray(Image.open(targets.path).convert("RGB"))
         for side in sides:
             started = time.perf_counter()
             proposals = propose(pixels, "fast", 2000, search_side=side)
             seconds[side] += time.perf_counter() - started
             counts[side].append(len(proposals))
-            for box, name in boxes:
-                found[side][name] += int(box_iou(np.array([box], np.float32), proposals).max(initial=0.0) >= 0.5)
+            for label, hit in zip(targets.labels, reached(proposals, targets)):
+                found[side][dataset.classes[label]] += int(hit)
     rows = [{"search_side": side, "seconds_per_image": seconds[side] / args.images,
              "mean_proposals": float(np.mean(counts[side])),
              "recall_at_iou_0.5": {name: found[side][name] / total[name] for name in sorted(total)},

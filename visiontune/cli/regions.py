@@ -48,6 +48,10 @@ def regions(
     for split, counts in summary["regions_per_split"].items():
         listed = ", ".join(f"{label} {n}" for label, n in counts.items()) or "none"
         stdout.print(f"{split}: {summary['images_per_split'][split]} images, regions: {listed}", markup=False)
+    recall = ", ".join(f"{name} {share:.1%}" for name, share in summary["proposal_recall"].items())
+    if recall:
+        stdout.print(f"proposals: {summary['mean_proposals']:g} per image; true boxes they reach at IoU >= "
+                     f"{summary['options']['iou_pos']:g}: {recall}", markup=False)
     for note in summary["notes"]:
         stdout.print(f"note: {note}", markup=False)
     stdout.print(f"{summary['regions']} regions of {summary['images']} images in {summary['seconds']:.1f} s; "

@@ -29,6 +29,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _torch_box_iou(a, b).numpy()
 
 
+def reached(proposals: np.ndarray, targets: ImageTargets, iou: float = 0.5) -> np.ndarray:
+    """bool [number of true boxes]: whether some proposal overlaps each true box by `iou` or more.
+    A true box no proposal reaches is one no classifier or SVM on the proposals can find."""
+    if len(targets.boxes) == 0 or len(proposals) == 0:
+        return np.zeros(len(targets.boxes), dtype=bool)
+    return box_iou(targets.boxes, proposals).max(axis=1) >= iou
+
+
 @dataclass(frozen=True)
 class LabelledRegions:
     """The regions of one image kept for training, true boxes first, then positive proposals in

@@ -35,6 +35,7 @@ from visiontune.detect.labelling import (
     BACKGROUND_LABEL,
     crop_region,
     label_proposals,
+    reached,
 )
 from visiontune.detect.proposals import MIN_SEARCH_SIDE, MODES, SEARCH_SIDE, ProposalCache
 from visiontune.detect.types import ImageTargets
@@ -83,6 +84,9 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
     rows: list[list] = []
     skipped: list[dict] = []
     stems: Counter[str] = Counter()
+    boxes_reached: Counter[str] = Counter()
+    boxes_total: Counter[str] = Counter()
+    proposals_seen = 0
     todo = [(split, targets) for split in SPLITS for targets in splits.get(split, [])]
     columns = (TextColumn("regions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True, disable=not progress) as bar:
@@ -96,8 +100,12 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
                 continue
             image = np.asarray(picture)
             stem = _unique_stem(Path(targets.path).stem, stems)
-            labelled = label_proposals(cache.proposals(targets.path, image), targets, iou_pos, iou_neg,
-                                       max_negatives)
+            proposed = cache.proposals(targets.path, image)
+            proposals_seen += len(proposed)
+            for label, hit in zip(targets.labels, reached(proposed, targets, iou_pos)):
+                boxes_total[names[label]] += 1
+                boxes_reached[names[label]] += int(hit)
+            labelled = label_proposals(proposed, targets, iou_pos, iou_neg, max_negatives)
             fill = tuple(round(v) for v in image.reshape(-1, 3).mean(axis=0))
             for i, (box, label, iou) in enumerate(zip(labelled.boxes, labelled.labels, labelled.iou)):
                 name = BACKGROUND if label == BACKGROUND_LABEL else names[label]
@@ -122,6 +130,9 @@ def write_regions(splits: dict[str, list[ImageTargets]], classes: list[str], out
         "options": {"iou_pos": iou_pos, "iou_neg": iou_neg, "max_negatives": max_negatives, "proposals": proposals,
                     "max_proposals": max_proposals, "search_side": search_side, "size": size, "context": context},
         "proposal_cache": {"hits": cache.hits, "misses": cache.misses},
+        # the share of true boxes some proposal overlaps by iou_pos: the most any detector on them can find
+        "proposal_recall": {name: boxes_reached[name] / boxes_total[name] for name in classes if boxes_total[name]},
+        "mean_proposals": round(proposals_seen / max(1, len(todo) - len(skipped)), 1),
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_text_atomic(out / REGIONS_SUMMARY, _json(summary))

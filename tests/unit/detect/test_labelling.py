@@ -14,6 +14,7 @@ from visiontune.detect.labelling import (
     context_box,
     crop_region,
     label_proposals,
+    reached,
 )
 from visiontune.detect.types import ImageTargets
 
@@ -90,3 +91,15 @@ def test_crop_region_warps_without_keeping_the_aspect():
     image[:, :30] = 200
     crop = crop_region(image, np.array([0, 0, 60, 20]), size=32, context=0)
     assert crop.shape == (32, 32, 3) and (crop[:, :15] == 200).all() and (crop[:, 17:] == 0).all()
+
+
+def test_reached_marks_the_true_boxes_some_proposal_overlaps_enough():
+    targets = ImageTargets(Path("x.png"), 100, 100, np.array([[0, 0, 10, 10], [50, 50, 60, 60], [80, 80, 90, 90]],
+                                                             np.float32), [0, 1, 1])
+    proposals = np.array([[0, 0, 10, 10],  # IoU 1 with the first box
+                          [50, 50, 60, 55],  # IoU 0.5 with the second: reached at 0.5, not at 0.6
+                          [85, 85, 95, 95]], np.float32)  # IoU 25 / 175 = 0.14 with the third
+    assert reached(proposals, targets, 0.5).tolist() == [True, True, False]
+    assert reached(proposals, targets, 0.6).tolist() == [True, False, False]
+    assert reached(np.zeros((0, 4), np.float32), targets).tolist() == [False, False, False]
+    assert reached(proposals, ImageTargets(Path("y.png"), 10, 10, np.zeros((0, 4)), [])).tolist() == []

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from visiontune.data.sources import discover
+from visiontune.detect import regions as regions_module
 from visiontune.detect.labelling import BACKGROUND
 from visiontune.detect.regions import (
     PROPOSALS_DIR,
@@ -108,3 +109,18 @@ def test_an_option_that_cannot_work_is_one_message_before_any_image_is_read(tmp_
     with pytest.raises(UserError, match=message):
         write_regions({"train": [missing]}, ["crack"], tmp_path / "out", **(REGION_OPTIONS | option))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_summary_says_how_many_true_boxes_the_proposals_reach(tmp_path, monkeypatch):
+    class FixedProposals:  # one proposal on the crack, none near the blob
+        def __init__(self, *args) -> None:
+            self.hits = self.misses = 0
+
+        def proposals(self, path, image):
+            return np.array([[5, 5, 30, 30], [40, 0, 60, 10]], np.float32)
+
+    monkeypatch.setattr(regions_module, "ProposalCache", FixedProposals)
+    image = make_tiles(tmp_path / "tiles", 1, size=64, seed=1).parent / "images" / "tile_00000.png"
+    targets = ImageTargets(image, 64, 64, np.array([[5, 5, 30, 30], [35, 35, 60, 60]], np.float32), [0, 1])
+    summary = write_regions({"train": [targets]}, ["crack", "blob"], tmp_path / "out", **REGION_OPTIONS)
+    assert summary["proposal_recall"] == {"crack": 1.0, "blob": 0.0} and summary["mean_proposals"] == 2
