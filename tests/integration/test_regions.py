@@ -19,6 +19,7 @@ def test_regions_writes_a_training_csv_and_explains_bad_options(tmp_path):
                "--test-fraction", "0.25")
     assert done.returncode == 0, done.stderr
     assert "train on them with: visiontune train" in done.stdout
+    assert "proposals: 40 per image; true boxes they reach at IoU >= 0.5: crack " in done.stdout
     with (tmp_path / "out" / "regions.csv").open(newline="") as handle:
         assert {row["split"] for row in csv.DictReader(handle)} == {"train", "val", "test"}
     bad = cli("regions", images, "--boxes", annotations, "--out", tmp_path / "bad", "--size", "32")
