@@ -27,7 +27,7 @@ SELECTIVE_SEARCH_FIX = (
 )
 MIN_SIDE = 8.0  # proposals narrower or lower than this (pixels) carry too little to classify
 SEARCH_SIDE = 512  # selective search runs with the longer side at most this (its time grows with area)
-MIN_SEARCH_SIDE = 32
+MIN_SEARCH_SIDE = 32  # below this, selective search sees too few pixels to segment
 CACHE_VERSION = 1  # bump when the proposals for the same image and options change
 WINDOW_FRACTIONS = (1.0, 0.5, 0.25, 0.125)  # sliding-window sides, as shares of the shorter image side
 WINDOW_ASPECTS = (0.5, 1.0, 2.0)  # width / height
@@ -143,8 +143,8 @@ def _clean(boxes: np.ndarray, width: int, height: int, min_side: float) -> np.nd
 
 class ProposalCache:
     """Proposals of image files in a folder of `.npy` files, keyed by the file's bytes (so a renamed
-    image is a hit and an edited one a miss), the mode, the search side and the maximum. Each file is written whole
-    or not at all; a damaged one is recomputed."""
+    image is a hit and an edited one a miss), the mode, the search side and the maximum. Each file
+    is written whole or not at all; a damaged one is recomputed."""
 
     def __init__(self, folder: str | Path, mode: str = "fast", max_proposals: int = 2000,
                  search_side: int = SEARCH_SIDE) -> None:
