@@ -110,6 +110,8 @@ class ShardRun:
 def run_shard(out: Path, paths: Sequence[str], shard: Shard, write_part: Callable[[Sequence[str], Path], None],
               extra_files: Callable[[Path], list[Path]] = lambda part: []) -> ShardRun:
     """Run `write_part(shard_paths, part_path)` unless the part is complete already, then mark it.
+    A shard with no inputs (more shards than inputs) gets an empty part without calling it, so
+    that the merge still finds every shard.
 
     `extra_files(part)` names files written beside the part (skipped lists) that the marker
     vouches for too; each must exist when the marker says it does.
@@ -123,7 +125,10 @@ def run_shard(out: Path, paths: Sequence[str], shard: Shard, write_part: Callabl
     marker_path(part).unlink(missing_ok=True)
     for extra in extra_files(part):
         extra.unlink(missing_ok=True)  # a stale skipped list from an earlier attempt
-    write_part(mine, part)
+    if len(mine):
+        write_part(mine, part)
+    else:
+        atomic_write(part, lambda tmp: None)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in [part, *extra_files(part)] if p.exists()}
     write_text_atomic(marker_path(part), json.dumps({**expected, "files": files}, indent=1))

@@ -111,13 +111,8 @@ def predict(
     if shard is None:
         return _predict_to(run, inputs, out, result, options)
 
-    def write_part(paths: Sequence[str], part: Path) -> None:
-        if len(paths):
-            _predict_to(run, paths, part, result, options)
-        else:  # more shards than images: an empty part
-            atomic_write(part, lambda tmp: None)
-
-    result.shard = run_shard(out, PathList.of(expand_image_paths(inputs)), shard, write_part,
+    result.shard = run_shard(out, PathList.of(expand_image_paths(inputs)), shard,
+                             lambda paths, part: _predict_to(run, paths, part, result, options),
                              extra_files=lambda part: [skipped_path(part)])
     return result
 

@@ -25,7 +25,6 @@ from visiontune.devices import plan_cpu, resolve_device
 from visiontune.errors import UserError
 from visiontune.features.projection import fit_projection, project_chunks
 from visiontune.features.store import check_out_path, save_features, temporary_rows
-from visiontune.io import atomic_write
 from visiontune.models.classifier_run import ClassifierRun
 from visiontune.models.extractor import (
     POOLS,
@@ -132,11 +131,8 @@ def extract(data, *, out: str | Path, model: str | None = None, run: str | Path 
               "workers": workers, "timings": {"setup_s": round(load_s, 3), "features_s": 0.0, "total_s": 0.0}}
 
     def write_part(paths: Sequence[str], part: Path) -> None:
-        if len(paths):
-            result.update(_extract(inputs.rows(*shard.bounds(len(inputs.paths))), part, extractor, preprocessing,
-                                   started, load_s, **options))
-        else:  # more shards than images: an empty part
-            atomic_write(part, lambda tmp: None)
+        result.update(_extract(inputs.rows(*shard.bounds(len(inputs.paths))), part, extractor, preprocessing,
+                               started, load_s, **options))
 
     done = run_shard(out, inputs.paths, shard, write_part)
     return {**result, "shard": str(shard), "shard_complete": done.skipped_existing}
