@@ -8,7 +8,9 @@ lit 512 px textures; defects are drawn scratches, their masks come from the same
 at the edges like real masks. anomalib runs in its own venv (created at --anomalib-venv when
 missing: `pip install anomalib==2.7.*`, sharing this venv's torch and timm through a .pth file, so
 both tools run the same torch build). Each tool and method runs in its own subprocess, which
-reports its fit time, its inference images/s over the test images and its peak RSS; both tools'
+reports its fit time, its inference images/s over the test images and its peak RSS (visiontune's
+twice: the fitted model in eager torch, and the saved model loaded as `anomaly predict` loads it,
+scoring through its ONNX graph; the accuracy is that of the loaded model); both tools'
 image and pixel AUROC are computed here by the same code from their raw scores and maps
 (anomalib's normalisation is switched off; the masks are binarised by visiontune's rule).
 Settings shared by both: tf_efficientnet_lite0 with the weights in ../shared, layers
@@ -118,7 +120,14 @@ def visiontune_worker(args: argparse.Namespace) -> dict:
     if args.fit_only:
         return result
     paths = test_paths(Path(args.data))
-    return result | visiontune_scores(model, paths, out, "predict_images_per_s")
+    eager = visiontune_scores(model, paths, out, "eager_images_per_s")  # the fitted model: eager torch
+    started = time.perf_counter()
+    loaded = anomaly.load(out, device="cpu", batch_size=32)  # as `anomaly predict` loads it: ONNX Runtime
+    result |= {"load_s": time.perf_counter() - started, "backend": loaded.backend, "workers": loaded.workers,
+               "eager_images_per_s": eager["eager_images_per_s"]}
+    scored = visiontune_scores(loaded, paths, out, "predict_images_per_s")
+    result["max_abs_score_diff_vs_eager"] = float(np.abs(np.array(scored["scores"]) - eager["scores"]).max())
+    return result | scored
 
 
 def anomalib_worker(args: argparse.Namespace) -> dict:

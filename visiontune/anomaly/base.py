@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -113,6 +113,8 @@ class AnomalyModel:
         self.batch_size = batch_size
         self.workers = workers
         self.max_pixels = max_pixels
+        self._graph: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]] | None = None
+        self.backend = "torch"  # what scores decoded images: "torch", or "onnx" after use_graph
 
     @property
     def image_size(self) -> int:
@@ -244,8 +246,21 @@ class AnomalyModel:
     @torch.inference_mode()
     def score_images(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Scores [B] and maps of an already decoded batch [B, 3, size, size] (`anomaly_transform`),
-        for callers that hold images rather than paths (the server)."""
+        for callers that hold images rather than paths (the server); through the scoring graph
+        when `use_graph` gave one."""
+        return self.eager_scores(images) if self._graph is None else self._graph(images)
+
+    @torch.inference_mode()
+    def eager_scores(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """`score_images` in eager torch, whatever the backend: the reference a graph is checked against."""
         return self.score_embedding(self.detector, self._embed(images.to(self.device)))
+
+    def use_graph(self, graph: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]], backend: str
+                  ) -> AnomalyModel:
+        """Score decoded batches with `graph` (onnx_scoring.OnnxScorer: the same computation as one
+        ONNX Runtime graph, checked against `eager_scores`) instead of eager torch."""
+        self._graph, self.backend = graph, backend
+        return self
 
     def score(self, paths: Sequence[Path]) -> Scores:
         parts = list(self.score_batches(paths)) or [self._no_scores([])]

@@ -52,6 +52,7 @@ def evaluate_model(model: AnomalyModel, images: list[LabelledImage], out: Path |
     metrics["per_defect_type"] = per_defect_type(defects, scores, labels, threshold, pixels)
     del pixels  # its sorted copy of every pixel is not needed for the report
     metrics["skipped"] = [vars(s) for s in scored.skipped + mask_skipped]
+    metrics["scored_by"] = model.backend  # torch, or onnx: the exported graph, within its check of torch
     if out is not None:
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         metrics["report"] = str(write_report(out / REPORT_FILE, model, kept, scored, masks, metrics))

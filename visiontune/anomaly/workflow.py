@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from visiontune.anomaly.base import AnomalyModel, read_model_files
 from visiontune.anomaly.calibration import folds_for
@@ -22,6 +24,7 @@ from visiontune.anomaly.data import (
 )
 from visiontune.anomaly.detectors import DETECTORS
 from visiontune.anomaly.evaluation import evaluate_model
+from visiontune.anomaly.onnx_scoring import OnnxScorer, exported_graph
 from visiontune.config import DEFAULT_MAX_PIXELS
 from visiontune.data.dataset import default_workers
 from visiontune.data.images import ImageLoadError, load_rgb
@@ -29,13 +32,17 @@ from visiontune.data.paths import PathList, expand_image_paths
 from visiontune.data.shards import Shard, run_shard
 from visiontune.data.transforms import Preprocessing
 from visiontune.devices import plan_cpu, resolve_device
-from visiontune.errors import UserError
+from visiontune.errors import UserError, first_line
+from visiontune.inference.engine import onnx_available
 from visiontune.io import atomic_write, write_text_atomic
 from visiontune.locking import locked_dir
 from visiontune.models.backbones import check_weights_available
 from visiontune.models.extractor import create_extractor
 from visiontune.runformat import META_FILE
 
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
 CSV_COLUMNS = ("path", "score", "decision", "threshold", "heatmap", "reason")
 
 
@@ -86,14 +93,40 @@ def fit(good: str | Path, *, method: str = "patchcore", backbone: str = "wide_re
 
 
 def load(directory: str | Path, *, device: str = "auto", batch_size: int = 16, workers: int | None = None,
-         max_pixels: int = DEFAULT_MAX_PIXELS) -> AnomalyModel:
-    """A model directory written by `fit`, with the same scores as when it was saved."""
+         max_pixels: int = DEFAULT_MAX_PIXELS, backend: str = "auto", spin: bool = False) -> AnomalyModel:
+    """A model directory written by `fit`, with the same scores as when it was saved.
+
+    `backend`: what scores decoded images. "onnx" is the model's exported scoring graph in ONNX
+    Runtime (CPU only; exported once into DIR/export/ and checked against the eager code, scores
+    within 1e-3 of the largest); "torch" the eager code; "auto" ONNX Runtime on a CPU where it is
+    installed, and eager torch, with a warning, where the graph cannot be exported, checked or
+    written. `spin` as in `inference.onnx.OnnxModel`: off by default, so that idle graph threads
+    leave the core to the decoding worker (measured no slower on 2 cores, docs/benchmarks.md).
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     info, tensors = read_model_files(directory)
     if info.get("method") not in DETECTORS:
         raise UserError(f"{directory}: unknown method {info.get('method')!r}")
+    on_cpu = resolve_device(device).type == "cpu"
+    if backend == "onnx" and not on_cpu:
+        raise UserError("--backend onnx runs on the CPU; use --device cpu")
+    graph = backend == "onnx" or (backend == "auto" and on_cpu and onnx_available())
     detector = DETECTORS[info["method"]](**info["detector"])
-    return AnomalyModel.restore(info, tensors, detector, batch_size=batch_size, workers=_workers(workers, device),
-                                max_pixels=max_pixels, device=device)
+    model = AnomalyModel.restore(info, tensors, detector, batch_size=batch_size,
+                                 workers=_workers(workers, device, overlap_decode=graph),
+                                 max_pixels=max_pixels, device=device)
+    if not graph:
+        return model
+    try:
+        path, _ = exported_graph(model, directory)
+        return model.use_graph(OnnxScorer(path, model, torch.get_num_threads(), spin), "onnx")
+    except Exception as exc:  # auto: the eager code is the reference, so fall back to it
+        if backend == "onnx":
+            raise
+        log.warning("scoring in eager torch: the ONNX scoring graph could not be used (%s)", first_line(exc, 200))
+        model.workers = _workers(workers, device)
+        return model
 
 
 def predict(model: str | Path | AnomalyModel, paths: Sequence[str | Path], *, out: str | Path | None = None,
@@ -182,13 +215,15 @@ def _check_target_recall(target_recall: float | None, val_defects: str | Path | 
         raise UserError("--target-recall needs --val-defects: labelled defect images to measure the recall on")
 
 
-def _workers(workers: int | None, device: str) -> int:
+def _workers(workers: int | None, device: str, overlap_decode: bool = False) -> int:
     """Decoding workers; on a CPU, planned with torch's threads for the cores free now, as for
     frozen features (devices.plan_cpu): one thread beside a busy neighbour (2 ran the backbone
     1.7x slower), and decoding in this process up to 3 free cores (a worker process beside 2
-    threads: 17-22 instead of 21-25 images/s for `evaluate` on 2 cores)."""
+    threads: 17-22 instead of 21-25 images/s for `evaluate` on 2 cores). With `overlap_decode`
+    (scoring through ONNX Runtime, where decoding is a larger share), one worker beside threads
+    for every free core, as for `predict`."""
     if resolve_device(device).type == "cpu":
-        return plan_cpu(workers=workers).apply().workers
+        return plan_cpu(workers=workers, overlap_decode=overlap_decode).apply().workers
     return default_workers() if workers is None else workers
 
 

@@ -31,6 +31,9 @@ Workers = Annotated[Optional[int], Opt(help="Image loading processes (default: o
                                                "at most 4).")]
 Device = Annotated[str, Opt(help="auto | cpu | cuda")]
 BatchSize = Annotated[int, Opt(help="Images per batch.")]
+Backend = Annotated[str, Opt(help="auto | torch | onnx: what scores the decoded images; onnx is the model's "
+                                  "exported scoring graph in ONNX Runtime (CPU), auto uses it on a CPU where "
+                                  "onnxruntime is installed.")]
 
 
 @contextmanager
@@ -106,6 +109,7 @@ def predict(
     batch_size: BatchSize = 16,
     workers: Workers = None,
     device: Device = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Score images: anomaly score, decision at the saved threshold, optional heat-map overlays."""
     from visiontune import anomaly
@@ -117,7 +121,8 @@ def predict(
         chosen = shards.resolve(shard)
         images = paths if paths and files is None else shards.inputs(paths, files)  # folders: once the model loads
         rows = anomaly.predict(model_dir, images, out=out, heatmaps=heatmaps,
-                               batch_size=batch_size, workers=workers, device=device, shard=chosen)
+                               batch_size=batch_size, workers=workers, device=device, backend=backend,
+                               shard=chosen)
     if chosen is not None:
         shards.print_part(chosen, chosen.part_path(out), not rows, out)
         if not rows:
@@ -139,6 +144,7 @@ def evaluate(
     batch_size: BatchSize = 16,
     workers: Workers = None,
     device: Device = "auto",
+    backend: Backend = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Image AUROC, F1, pixel AUROC and AUPRO with masks, per defect type, and an HTML report."""
@@ -149,7 +155,7 @@ def evaluate(
 
     with _user_errors():
         metrics = anomaly.evaluate(model_dir, data, out=out or model_dir / "evaluation",
-                                   batch_size=batch_size, workers=workers, device=device)
+                                   batch_size=batch_size, workers=workers, device=device, backend=backend)
     if as_json:
         print(json.dumps(metrics, indent=2))
         return

@@ -130,6 +130,8 @@ def test_cli_fit_predict_evaluate(tmp_path: Path) -> None:
         (["fit", "{tmp}/empty", "--out", "{tmp}/m", "--target-recall", "0", "--val-defects", "{tmp}/empty"],
          "--target-recall must be in (0, 1]"),
         (["predict", "{tmp}/empty", "{tmp}/empty", "--out", "{tmp}/s.csv"], "not an anomaly model directory"),
+        (["predict", "{tmp}/empty", "{tmp}/empty", "--out", "{tmp}/s.csv", "--backend", "tensorrt"],
+         "--backend must be one of auto, torch, onnx"),
         (["evaluate", "{tmp}/empty", "--data", "{tmp}/empty"], "needs a 'good' folder"),
     ],
 )

@@ -47,12 +47,33 @@ def test_reload_gives_identical_scores_and_maps(fitted, mvtec: Path) -> None:
     method, out, model = fitted
     paths = sorted((mvtec / "test").rglob("*.png"))[:12]
     before = model.score(paths)
-    reloaded = anomaly.load(out, workers=0)
+    reloaded = anomaly.load(out, workers=0, backend="torch")
     after = reloaded.score(paths)
     assert np.array_equal(before.scores, after.scores), method
     assert np.array_equal(before.maps, after.maps)
     assert reloaded.threshold_ == model.threshold_ and reloaded.map_range_ == model.map_range_
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_reload_on_a_cpu_scores_through_the_checked_onnx_graph(fitted, mvtec: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    method, out, model = fitted
+    copy = tmp_path / "model"
+    shutil.copytree(out, copy)
+    paths = sorted((mvtec / "test").rglob("*.png"))[:12]
+    before = model.score(paths)
+    reloaded = anomaly.load(copy, workers=0, device="cpu")
+    assert (model.backend, reloaded.backend) == ("torch", "onnx"), method
+    after = reloaded.score(paths)
+    scale = max(1.0, float(np.abs(before.scores).max()), float(np.abs(before.maps).max()))
+    np.testing.assert_allclose(after.scores, before.scores, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(after.maps, before.maps, rtol=0, atol=1e-5 * scale)
+    assert not np.array_equal(after.maps, before.maps)  # it is another computation, not the eager one again
+    check = json.loads((copy / "export" / "model.onnx.check.json").read_text())
+    assert check["max_abs_diff_maps"] < 1e-5 * scale
+    exported = (copy / "export" / "model.onnx").stat().st_mtime_ns
+    assert anomaly.load(copy, workers=0, device="cpu").backend == "onnx"
+    assert (copy / "export" / "model.onnx").stat().st_mtime_ns == exported  # exported once, then reused
 
 
 def test_models_saved_before_scoring_was_recorded_keep_their_rule(fitted, mvtec: Path, tmp_path: Path) -> None:
