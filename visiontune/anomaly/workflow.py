@@ -101,7 +101,7 @@ def load(directory: str | Path, *, device: str = "auto", batch_size: int = 16, w
     within 1e-3 of the largest); "torch" the eager code; "auto" ONNX Runtime on a CPU where it is
     installed, and eager torch, with a warning, where the graph cannot be exported, checked or
     written. `spin` as in `inference.onnx.OnnxModel`: off by default, so that idle graph threads
-    leave the core to the decoding worker (measured no slower on 2 cores, docs/benchmarks.md).
+    leave the cores to decoding (48-50 images/s against 44-48 spinning, PatchCore on 2 cores).
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -113,8 +113,7 @@ def load(directory: str | Path, *, device: str = "auto", batch_size: int = 16, w
         raise UserError("--backend onnx runs on the CPU; use --device cpu")
     graph = backend == "onnx" or (backend == "auto" and on_cpu and onnx_available())
     detector = DETECTORS[info["method"]](**info["detector"])
-    model = AnomalyModel.restore(info, tensors, detector, batch_size=batch_size,
-                                 workers=_workers(workers, device, overlap_decode=graph),
+    model = AnomalyModel.restore(info, tensors, detector, batch_size=batch_size, workers=_workers(workers, device),
                                  max_pixels=max_pixels, device=device)
     if not graph:
         return model
@@ -125,7 +124,6 @@ def load(directory: str | Path, *, device: str = "auto", batch_size: int = 16, w
         if backend == "onnx":
             raise
         log.warning("scoring in eager torch: the ONNX scoring graph could not be used (%s)", first_line(exc, 200))
-        model.workers = _workers(workers, device)
         return model
 
 
@@ -215,15 +213,14 @@ def _check_target_recall(target_recall: float | None, val_defects: str | Path | 
         raise UserError("--target-recall needs --val-defects: labelled defect images to measure the recall on")
 
 
-def _workers(workers: int | None, device: str, overlap_decode: bool = False) -> int:
+def _workers(workers: int | None, device: str) -> int:
     """Decoding workers; on a CPU, planned with torch's threads for the cores free now, as for
     frozen features (devices.plan_cpu): one thread beside a busy neighbour (2 ran the backbone
     1.7x slower), and decoding in this process up to 3 free cores (a worker process beside 2
-    threads: 17-22 instead of 21-25 images/s for `evaluate` on 2 cores). With `overlap_decode`
-    (scoring through ONNX Runtime, where decoding is a larger share), one worker beside threads
-    for every free core, as for `predict`."""
+    threads: 17-22 instead of 21-25 images/s for `evaluate` on 2 cores; through the ONNX graph,
+    33 instead of 48-50 images/s for PatchCore on 2 cores, docs/benchmarks.md)."""
     if resolve_device(device).type == "cpu":
-        return plan_cpu(workers=workers, overlap_decode=overlap_decode).apply().workers
+        return plan_cpu(workers=workers).apply().workers
     return default_workers() if workers is None else workers
 
 
