@@ -113,7 +113,7 @@ def visiontune_worker(args: argparse.Namespace) -> dict:
     model = anomaly.fit(
         args.data, method=args.method, backbone=BACKBONE, layers=LAYERS, image_size=args.size,
         coreset_ratio=args.coreset_ratio, n_features=100, weights=args.weights, batch_size=32, workers=1,
-        out=out, device="cpu",
+        out=out, device="cpu", seed=args.fit_seed,
     )
     fit_s = time.perf_counter() - started
     result = {"fit_s": fit_s, "fit_timings": model.fit_info_["timings"], "fit_rss_gib": peak_rss_gib()}
@@ -123,7 +123,8 @@ def visiontune_worker(args: argparse.Namespace) -> dict:
     eager = visiontune_scores(model, paths, out, "eager_images_per_s")  # the fitted model: eager torch
     started = time.perf_counter()
     loaded = anomaly.load(out, device="cpu", batch_size=32)  # as `anomaly predict` loads it: ONNX Runtime
-    result |= {"load_s": time.perf_counter() - started, "backend": loaded.backend, "workers": loaded.workers,
+    backend = getattr(loaded, "backend", "torch")  # code from before the ONNX backend (PYTHONPATH at a checkout)
+    result |= {"load_s": time.perf_counter() - started, "backend": backend, "workers": loaded.workers,
                "eager_images_per_s": eager["eager_images_per_s"]}
     scored = visiontune_scores(loaded, paths, out, "predict_images_per_s")
     result["max_abs_score_diff_vs_eager"] = float(np.abs(np.array(scored["scores"]) - eager["scores"]).max())
@@ -139,7 +140,7 @@ def anomalib_worker(args: argparse.Namespace) -> dict:
     model = anomalib_model(args.method, args.size, args.coreset_ratio, args.weights)
     data = Path(args.data)
     datamodule = MVTecAD(root=data.parent, category=data.name, train_batch_size=32, eval_batch_size=32,
-                         num_workers=1, val_split_mode="from_train", val_split_ratio=0.1, seed=0)
+                         num_workers=1, val_split_mode="from_train", val_split_ratio=0.1, seed=args.fit_seed)
     engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=str(out),
                     enable_progress_bar=False)
     started = time.perf_counter()
@@ -161,7 +162,8 @@ def anomalib_worker(args: argparse.Namespace) -> dict:
 def worker(python: Path, tool: str, method: str, args: argparse.Namespace, data: Path, fit_only: bool = False,
            timeout: float | None = None) -> dict:
     command = ["--worker", tool, "--method", method, "--data", str(data), "--out", args.out,
-               "--weights", args.weights, "--size", str(args.size), "--coreset-ratio", str(args.coreset_ratio)]
+               "--weights", args.weights, "--size", str(args.size), "--coreset-ratio", str(args.coreset_ratio),
+               "--fit-seed", str(args.fit_seed)]
     return run_worker(python, __file__, command + (["--fit-only"] if fit_only else []), timeout)
 
 
@@ -192,6 +194,8 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--weights")
     parser.add_argument("--fit-only", action="store_true")
+    parser.add_argument("--fit-seed", type=int, default=0,
+                        help="the fit's seed (hold-out split, coreset start, projection); the data stay seed 0")
     args = parser.parse_args()
 
     if args.worker:

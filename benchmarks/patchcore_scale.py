@@ -4,7 +4,7 @@ anomaly_vs_anomalib.py (200 good 512 px textures at 256 px) without anomalib, to
 changes keep that benchmark's AUROC.
 
     PYTHONPATH=. python benchmarks/patchcore_scale.py [--images 10000] [--size 128] [--out runs/bench-patchcore-scale]
-    PYTHONPATH=. python benchmarks/patchcore_scale.py --auroc-check [--out runs/bench-patchcore-auroc]
+    PYTHONPATH=. python benchmarks/patchcore_scale.py --auroc-check [--fit-seed N] [--out runs/bench-patchcore-auroc]
 
 Data: anomaly_vs_anomalib.make_dataset's grainy, unevenly lit textures with drawn scratches,
 stored at --px (128 px here: 10,000 images at 512 px would take most of the time to decode).
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--auroc-check", action="store_true",
                         help="anomaly_vs_anomalib.py's visiontune PatchCore row instead (200 images, 512 px, 256 px input)")
     parser.add_argument("--label", default="", help="a name for this code version in the results file")
+    parser.add_argument("--fit-seed", type=int, default=0, help="--auroc-check: the fit's seed (the data stay seed 0)")
     parser.add_argument("--results", default="benchmarks/results/patchcore_scale_cpu.json")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--data")
@@ -116,7 +117,7 @@ def main() -> None:
         for key in ("paths", "scores", "maps"):
             result.pop(key)
     record = {
-        "label": args.label, "kind": "auroc-check" if args.auroc_check else "scale",
+        "label": args.label, "kind": "auroc-check" if args.auroc_check else "scale", "fit_seed": args.fit_seed,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; shared with other engineers' jobs",
         "settings": {"backbone": BACKBONE, "layers": LAYERS, "image_size": args.size, "stored_px": args.px,

@@ -13,12 +13,14 @@ import torch
 import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
 from visiontune.cli.main import main
+from visiontune.data.images import load_rgb
 from visiontune.inference.engine import (
     InferencePlan,
     iter_logits,
     load_for_inference,
     plan_inference,
 )
+from visiontune.inference.openvino import OpenVinoModel
 
 needs_onnx = pytest.mark.skipif(
     not all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime")),
@@ -79,6 +81,23 @@ def test_onnx_fp32_equals_torch_and_int8_agrees_on_argmax(tiny_run):
 
 
 @needs_onnx
+def test_openvino_fp32_equals_torch_and_bf16_stays_close(tiny_run):
+    pytest.importorskip("openvino")
+    run, data = tiny_run
+    paths = image_paths(data)
+    torch_logits = logits_with(run, paths)
+    plan = plan_inference("cpu", backend="openvino", threads=1, workers=0)
+    model, _ = load_for_inference(run, plan)
+    assert isinstance(model, OpenVinoModel)
+    np.testing.assert_allclose(logits_with(run, paths, plan=plan), torch_logits, atol=1e-4)
+    bf16 = logits_with(run, paths, backend="openvino", precision="bf16")
+    assert np.abs(softmax(bf16) - softmax(torch_logits)).max() < 0.05
+    images = torch.stack([run.preprocessing.eval_transform()(load_rgb(p, run.config.max_pixels)) for p in paths[:3]])
+    logits, features = model.logits_and_features(images)  # the graph's second output, for OOD scores
+    assert logits.shape == (3, 2) and features.ndim == 2 and len(features) == 3
+
+
+@needs_onnx
 def test_export_is_cached_until_the_checkpoint_changes(tiny_run):
     from visiontune.inference.onnx import export_run
 
@@ -128,7 +147,7 @@ def run_cli(monkeypatch, *args: str) -> int:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--backend", "tensorflow"), "--backend must be one of torch, onnx"),
+    (("--backend", "tensorflow"), "--backend must be one of torch, onnx, openvino"),
     (("--precision", "fp16"), "--precision must be one of fp32, bf16"),
     (("--quantize", "int4"), "--quantize must be int8"),
 ])

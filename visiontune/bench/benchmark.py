@@ -35,6 +35,7 @@ from visiontune.inference.onnx import (
     export_run,
     quantize_int8,
 )
+from visiontune.inference.openvino import OpenVinoModel
 from visiontune.inference.timing import time_call
 from visiontune.models.backbones import create_classifier
 from visiontune.models.classifier_run import ClassifierRun
@@ -63,15 +64,18 @@ class Subject:
         self.preprocessing, self.max_pixels = Preprocessing.from_model(self.model), DEFAULT_MAX_PIXELS
 
     def runner(self, plan: InferencePlan, images: Sequence[str], workdir: Path):
-        """The module, or an ONNX Runtime model exported (and int8-calibrated on `images`) for it."""
+        """The module, or an ONNX Runtime / OpenVINO model exported (and int8-calibrated on `images`) for it."""
         if plan.backend == "torch":
             return self.model
         if self.run is not None:
-            return OnnxModel(export_run(self.run, plan.quantize), plan.threads)
-        path = export_model(self.model, workdir / "model.onnx", self.preprocessing.input_size)
-        if plan.quantize:
-            batches = calibration_batches(images[:64], self.preprocessing.eval_transform(), self.max_pixels)
-            path = quantize_int8(path, workdir / "model.int8.onnx", batches)
+            path = export_run(self.run, plan.quantize)
+        else:
+            path = export_model(self.model, workdir / "model.onnx", self.preprocessing.input_size)
+            if plan.quantize:
+                batches = calibration_batches(images[:64], self.preprocessing.eval_transform(), self.max_pixels)
+                path = quantize_int8(path, workdir / "model.int8.onnx", batches)
+        if plan.backend == "openvino":
+            return OpenVinoModel(path, plan.threads, plan.precision)
         return OnnxModel(path, plan.threads)
 
 

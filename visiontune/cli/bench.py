@@ -23,7 +23,7 @@ def benchmark(
     train: Annotated[bool, Opt("--train", help="Also time training steps (forward, backward, optimizer step).")] = False,
     data: Annotated[str | None, Opt(help="Folder of images for the end-to-end timing (default: synthetic 500x375 JPEGs).")] = None,
     weights: Annotated[str | None, Opt(help="Weights file for a timm model name.")] = None,
-    backend: Annotated[str | None, Opt(help="torch | onnx (default: chosen per device).")] = None,
+    backend: Annotated[str | None, Opt(help="torch | onnx | openvino (default: chosen per device).")] = None,
     precision: Annotated[str | None, Opt(help="fp32 | bf16 (default: chosen per device).")] = None,
     quantize: Annotated[str | None, Opt(help="int8: ONNX Runtime static quantization.")] = None,
     threads: Annotated[int | None, Opt(help="CPU threads (default: the free cores).")] = None,

@@ -197,9 +197,10 @@ RunArg = Annotated[Path, typer.Argument(help="A run directory written by `vision
 Device = Annotated[str, Opt(help="auto | cpu | cuda")]
 Workers = Annotated[Optional[int], Opt(help="Decoding worker processes; default from free cores.")]
 BatchSize = Annotated[int | None, Opt(help="Images per inference batch (default: chosen per device).")]
-Backend = Annotated[str | None, Opt(help="torch | onnx (ONNX Runtime, CPU) [default: onnx on a CPU where "
-                                              "onnxruntime is installed, else torch]")]
-Precision = Annotated[str | None, Opt(help="fp32 | bf16 (torch autocast) [default: fp32 on CPU, bf16 on CUDA]")]
+Backend = Annotated[str | None, Opt(help="torch | onnx (ONNX Runtime, CPU) | openvino (CPU) [default on a CPU: "
+                                              "openvino, else onnx, where installed, else torch]")]
+Precision = Annotated[str | None, Opt(help="fp32 | bf16 (OpenVINO, or torch autocast) [default: fp32 on CPU, bf16 "
+                                                "on CUDA]")]
 Quantize = Annotated[str | None, Opt(help="int8: ONNX Runtime static int8, calibrated on the run's training images.")]
 
 

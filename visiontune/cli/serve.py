@@ -23,7 +23,7 @@ def serve(
     workers: Annotated[int, Opt(help="Server processes, each with its own copy of the models.")] = 1,
     max_batch_size: Annotated[int, Opt(help="Images per forward pass at most.")] = 8,
     batch_timeout_ms: Annotated[float, Opt(help="How long a batch waits to fill after its first image.")] = 2.0,
-    backend: Annotated[str | None, Opt(help="onnx | torch (default: as predict chooses for the device).")] = None,
+    backend: Annotated[str | None, Opt(help="openvino | onnx | torch (default: as predict chooses for the device).")] = None,
     quantize: Annotated[str | None, Opt(help="int8: ONNX Runtime static quantization.")] = None,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
     threads: Annotated[int | None, Opt(help="Inference threads per process (default: the free cores).")] = None,

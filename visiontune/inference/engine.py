@@ -4,9 +4,10 @@ Results come out batch by batch, so memory does not grow with the number of imag
 files come out with their reason instead of stopping the stream.
 
 How it runs is an `InferencePlan`, chosen per device (`plan_inference`): on a CPU, where compute
-dominates and large batches fall out of cache, small batches through ONNX Runtime (fp32, same
-predictions, faster than eager torch; torch channels-last without it) on the free cores, with one
-decoding worker overlapping the model; on CUDA, large bf16 channels-last batches from pinned
+dominates and large batches fall out of cache, small batches of the exported ONNX graph through
+OpenVINO where it is installed, else ONNX Runtime (fp32, same predictions, faster than eager
+torch; torch channels-last without either) on the free cores, with one decoding worker overlapping
+the model; on CUDA, large bf16 channels-last batches from pinned
 memory. Every choice can be overridden, and `visiontune benchmark` shows the plan it measured.
 """
 
@@ -28,6 +29,7 @@ from visiontune.data.transforms import Preprocessing
 from visiontune.devices import plan_cpu
 from visiontune.errors import UserError
 from visiontune.inference.onnx import OnnxModel, export_run
+from visiontune.inference.openvino import OpenVinoModel
 from visiontune.models.penultimate import logits_and_features
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ class PredictedBatch:
     features: np.ndarray | None = None  # (len(paths), dim) penultimate features, when asked for
 
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino")
+GRAPH_BACKENDS = ("onnx", "openvino")  # run the exported ONNX file, on the CPU
 PRECISIONS = ("fp32", "bf16")
 CPU_BATCH, CUDA_BATCH = 8, 64  # measured: docs/benchmarks.md, "Fast inference"
 
@@ -86,14 +89,16 @@ def plan_inference(
         raise UserError(f"--quantize must be int8 (or not given), not {quantize!r}")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if quantize and backend not in (None, "onnx"):
+        raise UserError("--quantize int8 runs in ONNX Runtime: use --backend onnx or leave --backend out")
     if quantize:
         backend = "onnx"
-    elif backend is None:  # ONNX Runtime is the faster fp32 CPU path where it is installed
-        backend = "onnx" if device.type == "cpu" and precision != "bf16" and onnx_available() else "torch"
-    if backend == "onnx" and device.type != "cpu":
-        raise UserError("--backend onnx runs on the CPU; use --device cpu")
+    elif backend is None:  # on a CPU: OpenVINO, then ONNX Runtime, where installed (faster than torch)
+        backend = _default_cpu_backend(precision) if device.type == "cpu" else "torch"
+    if backend in GRAPH_BACKENDS and device.type != "cpu":
+        raise UserError(f"--backend {backend} runs on the CPU; use --device cpu")
     if backend == "onnx" and precision == "bf16":
-        raise UserError("--precision bf16 applies to --backend torch only")
+        raise UserError("--precision bf16 applies to --backend torch or openvino")
     if device.type == "cuda":
         return InferencePlan("cuda", batch_size or CUDA_BATCH, True, precision or "bf16", backend, quantize,
                              torch.get_num_threads(), default_workers() if workers is None else workers)
@@ -106,20 +111,36 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
+def openvino_available() -> bool:
+    return onnx_available() and importlib.util.find_spec("openvino") is not None  # it compiles the ONNX export
+
+
+def _default_cpu_backend(precision: str | None) -> str:
+    if openvino_available():
+        return "openvino"
+    return "onnx" if precision != "bf16" and onnx_available() else "torch"
+
+
 def load_for_inference(run, plan: InferencePlan, fallback: bool = False, spin: bool = True
                        ) -> tuple[object, InferencePlan]:
-    """The run's best model ready for `plan`: an nn.Module or an ONNX Runtime model, and the plan.
+    """The run's best model ready for `plan`: an nn.Module, an ONNX Runtime or an OpenVINO model of
+    the checked ONNX export, and the plan.
 
-    With `fallback` (the backend was chosen automatically), a model the ONNX exporter cannot handle
-    runs in torch instead, with a warning, and the returned plan says so. `spin` as in `OnnxModel`.
+    With `fallback` (the backend was chosen automatically), a model the ONNX exporter (or OpenVINO)
+    cannot handle runs in torch instead, with a warning, and the returned plan says so. `spin` as in
+    `OnnxModel`.
     """
-    if plan.backend == "onnx":
+    if plan.backend in GRAPH_BACKENDS:
         try:
-            return OnnxModel(export_run(run, plan.quantize), plan.threads, spin), plan
+            path = export_run(run, plan.quantize)
+            if plan.backend == "openvino":
+                return OpenVinoModel(path, plan.threads, plan.precision), plan
+            return OnnxModel(path, plan.threads, spin), plan
         except Exception as exc:
             if not fallback or isinstance(exc, UserError):
                 raise
-            log.warning("ONNX export failed (%s); running in torch instead", str(exc).splitlines()[0][:200])
+            log.warning("the ONNX export could not run in %s (%s); running in torch instead", plan.backend,
+                        str(exc).splitlines()[0][:200])
             plan = replace(plan, backend="torch", channels_last=True)
     return run.load_model("best"), plan
 

@@ -4,6 +4,7 @@ eager code under "auto" but is an error when asked for."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -64,6 +65,7 @@ def test_a_graph_that_fails_its_check_is_not_used_and_is_checked_again(model_dir
     with pytest.raises(UserError, match="does not match the model"):
         anomaly.load(model_dir, workers=0, device="cpu", backend="onnx")
     assert not (model_dir / "export" / "model.onnx.json").exists()  # no key: exported and checked again next time
+    assert json.loads((model_dir / "export" / "model.onnx.check.json").read_text())["passed"] is False
     with caplog.at_level(logging.WARNING):
         assert anomaly.load(model_dir, workers=0, device="cpu").backend == "torch"
     assert "does not match the model" in caplog.text

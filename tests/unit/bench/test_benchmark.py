@@ -9,7 +9,7 @@ import pytest
 
 from visiontune.bench.benchmark import COLUMNS, benchmark, synthetic_photos
 from visiontune.cli.main import main
-from visiontune.inference.engine import onnx_available
+from visiontune.inference.engine import onnx_available, openvino_available
 
 TINY = "test_resnet"
 
@@ -37,7 +37,7 @@ def test_json_has_every_column_positive_for_two_batch_sizes(tmp_path, monkeypatc
             assert row[column] > 0, column
         assert row["ms_per_image"] == pytest.approx(1000 / row["images_per_s"])
     plan = result["plans"]["cpu"]
-    backend = "onnx" if onnx_available() else "torch"
+    backend = "openvino" if openvino_available() else "onnx" if onnx_available() else "torch"
     assert (plan["backend"], plan["precision"], plan["threads"], plan["workers"]) == (backend, "fp32", 1, 0)
     assert f"plan cpu: {backend} fp32, batch 8" in capsys.readouterr().out
 

@@ -17,12 +17,17 @@ def test_cpu_plan_is_small_channels_last_fp32_batches():
     assert "channels_last" in plan.describe() and "2 thread(s)" in plan.describe()
 
 
-@pytest.mark.parametrize("installed", [True, False])
-def test_cpu_backend_is_onnx_where_installed_else_torch(monkeypatch, installed):
-    monkeypatch.setattr(inference, "onnx_available", lambda: installed)
+@pytest.mark.parametrize(("onnx", "openvino", "expected"), [
+    (True, True, "openvino"), (True, False, "onnx"), (False, False, "torch"),
+])
+def test_cpu_backend_is_openvino_then_onnx_where_installed_else_torch(monkeypatch, onnx, openvino, expected):
+    monkeypatch.setattr(inference, "onnx_available", lambda: onnx)
+    monkeypatch.setattr(inference, "openvino_available", lambda: openvino)
     plan = plan_inference("cpu", threads=1, workers=0)
-    assert (plan.backend, plan.channels_last) == (("onnx", False) if installed else ("torch", True))
-    assert plan_inference("cpu", precision="bf16", threads=1, workers=0).backend == "torch"
+    assert (plan.backend, plan.channels_last, plan.precision) == (expected, expected == "torch", "fp32")
+    bf16 = plan_inference("cpu", precision="bf16", threads=1, workers=0)  # ONNX Runtime has no bf16 path
+    assert bf16.backend == ("openvino" if openvino else "torch")
+    assert plan_inference(torch.device("cuda"), workers=0).backend == "torch"
 
 
 def test_cuda_plan_is_large_bf16_batches():  # planning only: no GPU needed
@@ -42,17 +47,19 @@ def test_explicit_options_are_kept():
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"backend": "tensorflow"}, "--backend must be one of torch, onnx"),
+    ({"backend": "tensorflow"}, "--backend must be one of torch, onnx, openvino"),
     ({"precision": "fp8"}, "--precision must be one of fp32, bf16"),
     ({"quantize": "int4"}, "--quantize must be int8"),
     ({"batch_size": 0}, "--batch-size must be at least 1"),
-    ({"backend": "onnx", "precision": "bf16"}, "bf16 applies to --backend torch only"),
+    ({"backend": "onnx", "precision": "bf16"}, "bf16 applies to --backend torch or openvino"),
+    ({"backend": "openvino", "quantize": "int8"}, "--quantize int8 runs in ONNX Runtime"),
 ])
 def test_bad_combinations_are_user_errors(options, message):
     with pytest.raises(UserError, match=message):
         plan_inference("cpu", threads=1, workers=0, **options)
 
 
-def test_onnx_runs_on_the_cpu_only():
-    with pytest.raises(UserError, match="runs on the CPU"):
-        plan_inference(torch.device("cuda"), backend="onnx")
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_graph_backends_run_on_the_cpu_only(backend):
+    with pytest.raises(UserError, match=f"--backend {backend} runs on the CPU"):
+        plan_inference(torch.device("cuda"), backend=backend)

@@ -1,0 +1,60 @@
+"""OpenVINO inference of a run's exported ONNX graph on a CPU, fp32 or bf16.
+
+The graph is the one `onnx.export_run` writes and checks (RUN/export/model.onnx); OpenVINO
+compiles it for this CPU. On the project's 2-core AMD EPYC (AVX-512 with AVX512_BF16) it ran lite0
+1.9x faster than ONNX Runtime in fp32 and 3.7x in bf16, model only (docs/benchmarks.md, "Issue 19:
+OpenVINO"). bf16 is OpenVINO's inference precision hint: weights and activations in bfloat16 on
+CPUs with native bf16 instructions, fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visiontune.errors import UserError
+from visiontune.inference.onnx import FEATURES, INPUT, OUTPUT
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def require_openvino() -> None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise UserError("the OpenVINO backend needs openvino: pip install 'visiontune[openvino]'") from None
+
+
+class OpenVinoModel:
+    """Callable like `onnx.OnnxModel`: a float NCHW CPU tensor in, logits out, and
+    `logits_and_features` from a run's graph. One infer request, used by one caller at a time (an
+    OpenVINO request is not thread-safe; ONNX Runtime's session is)."""
+
+    def __init__(self, path: str | Path, threads: int = 1, precision: str = "fp32") -> None:
+        require_openvino()
+        import openvino
+
+        if precision not in PRECISION_HINTS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISION_HINTS)}, not {precision!r}")
+        self.path = Path(path)
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+                  "PERFORMANCE_HINT": "LATENCY"}  # one request at a time, all threads on it
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def _run(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        array = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        with self._lock:
+            results = self.request.infer({INPUT: array})
+            return {port.get_any_name(): value.copy() for port, value in results.items()}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._run(images)[OUTPUT])
+
+    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self._run(images)
+        return torch.from_numpy(outputs[OUTPUT]), torch.from_numpy(outputs[FEATURES])
