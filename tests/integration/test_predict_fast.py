@@ -139,6 +139,28 @@ def test_automatic_backend_falls_back_to_torch_when_export_fails(tiny_run, monke
     assert len(run.predict(str(data), workers=0).rows) == len(image_paths(data))
 
 
+@needs_onnx
+def test_an_export_openvino_cannot_compile_runs_in_onnx_runtime_when_chosen_automatically(tiny_run, monkeypatch,
+                                                                                          caplog):
+    import visiontune.inference.engine as engine
+
+    run, _ = tiny_run
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("Unsupported operation")
+
+    monkeypatch.setattr(engine, "OpenVinoModel", broken_compile)
+    plan = plan_inference("cpu", backend="openvino", threads=1, workers=0)
+    model, used = load_for_inference(run, plan, fallback=True)
+    assert type(model).__name__ == "OnnxModel" and used.backend == "onnx"
+    assert "OpenVINO could not compile" in caplog.text and "Unsupported operation" in caplog.text
+    with pytest.raises(RuntimeError):
+        load_for_inference(run, plan)  # asked for explicitly: the error stands
+    bf16 = plan_inference("cpu", backend="openvino", precision="bf16", threads=1, workers=0)
+    model, used = load_for_inference(run, bf16, fallback=True)  # ONNX Runtime has no bf16: torch autocast
+    assert isinstance(model, torch.nn.Module) and (used.backend, used.precision) == ("torch", "bf16")
+
+
 def run_cli(monkeypatch, *args: str) -> int:
     monkeypatch.setattr(sys, "argv", ["visiontune", *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:

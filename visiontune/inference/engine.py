@@ -126,15 +126,22 @@ def load_for_inference(run, plan: InferencePlan, fallback: bool = False, spin: b
     """The run's best model ready for `plan`: an nn.Module, an ONNX Runtime or an OpenVINO model of
     the checked ONNX export, and the plan.
 
-    With `fallback` (the backend was chosen automatically), a model the ONNX exporter (or OpenVINO)
-    cannot handle runs in torch instead, with a warning, and the returned plan says so. `spin` as in
-    `OnnxModel`.
+    With `fallback` (the backend was chosen automatically), an export OpenVINO cannot compile runs in
+    ONNX Runtime (fp32), and a model the exporter cannot handle in torch, each with a warning, and
+    the returned plan says so. `spin` as in `OnnxModel`.
     """
     if plan.backend in GRAPH_BACKENDS:
         try:
             path = export_run(run, plan.quantize)
             if plan.backend == "openvino":
-                return OpenVinoModel(path, plan.threads, plan.precision), plan
+                try:
+                    return OpenVinoModel(path, plan.threads, plan.precision), plan
+                except Exception as exc:  # the export is fine: ONNX Runtime runs it (not in bf16)
+                    if not fallback or isinstance(exc, UserError) or plan.precision == "bf16" or not onnx_available():
+                        raise
+                    log.warning("OpenVINO could not compile the ONNX export (%s); running it in ONNX Runtime",
+                                str(exc).splitlines()[0][:200])
+                    plan = replace(plan, backend="onnx")
             return OnnxModel(path, plan.threads, spin), plan
         except Exception as exc:
             if not fallback or isinstance(exc, UserError):

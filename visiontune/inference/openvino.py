@@ -2,9 +2,10 @@
 
 The graph is the one `onnx.export_run` writes and checks (RUN/export/model.onnx); OpenVINO
 compiles it for this CPU. On the project's 2-core AMD EPYC (AVX-512 with AVX512_BF16) it ran lite0
-1.9x faster than ONNX Runtime in fp32 and 3.7x in bf16, model only (docs/benchmarks.md, "Issue 19:
-OpenVINO"). bf16 is OpenVINO's inference precision hint: weights and activations in bfloat16 on
-CPUs with native bf16 instructions, fp32 accumulation.
+1.2-1.3x faster than ONNX Runtime in fp32 and 1.9-2.9x in bf16, model only, and `predict` 1.4-1.6x
+faster end to end in fp32 (docs/benchmarks.md, "Issue 19: OpenVINO"). bf16 is OpenVINO's
+inference precision hint: weights and activations in bfloat16 on CPUs with native bf16
+instructions, fp32 accumulation.
 """
 
 from __future__ import annotations
