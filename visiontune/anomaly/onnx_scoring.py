@@ -38,6 +38,7 @@ from visiontune.inference.onnx import (
     OnnxModel,
     checkpoint_key,
     export_model,
+    input_array,
     is_current,
     write_key,
 )
@@ -108,7 +109,7 @@ class OnnxScorer:
         self.images_per_run = images_per_run(model)
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        batch = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        batch = input_array(images)
         parts = [self.onnx.session.run(list(OUTPUTS), {INPUT: batch[start:start + self.images_per_run]})
                  for start in range(0, len(batch), self.images_per_run)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -131,14 +132,15 @@ def exported_graph(model: AnomalyModel, directory: str | Path, recheck: bool = F
     directory = Path(directory).expanduser()
     key = {name: checkpoint_key(directory / name) for name in (ANOMALY_WEIGHTS_FILE, META_FILE)}
     out = directory / "export" / "model.onnx"
-    if is_current(out, key) and not recheck:
+    current = is_current(out, key)
+    if current and not recheck:
         try:
             check = json.loads(_check_path(out).read_text())
             if check.get("passed") is True:
                 return out, check
         except (OSError, ValueError):  # no check beside the graph, or a damaged one: check it now
             pass
-    if not is_current(out, key):
+    if not current:
         graph = ScoringGraph(model)
         with torch.inference_mode():  # fills anomaly_map's cache of smoothing matrices, which a trace
             graph(torch.zeros(1, 3, model.image_size, model.image_size))  # would record as float64 ops

@@ -110,14 +110,15 @@ class OnnxModel:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: _array(images)})[0])
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: input_array(images)})[0])
 
     def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = self.session.run(RUN_OUTPUTS, {INPUT: _array(images)})
+        logits, features = self.session.run(RUN_OUTPUTS, {INPUT: input_array(images)})
         return torch.from_numpy(logits), torch.from_numpy(features)
 
 
-def _array(images: torch.Tensor) -> np.ndarray:
+def input_array(images: torch.Tensor) -> np.ndarray:
+    """A batch as the exported graphs take it: float32, contiguous, on the CPU."""
     return np.ascontiguousarray(images.detach().float().cpu().numpy())
 
 

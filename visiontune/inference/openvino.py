@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from visiontune.errors import UserError
-from visiontune.inference.onnx import FEATURES, INPUT, OUTPUT
+from visiontune.inference.onnx import FEATURES, INPUT, OUTPUT, input_array
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
@@ -48,9 +48,8 @@ class OpenVinoModel:
         self._lock = threading.Lock()
 
     def _run(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        array = np.ascontiguousarray(images.detach().float().cpu().numpy())
         with self._lock:
-            results = self.request.infer({INPUT: array})
+            results = self.request.infer({INPUT: input_array(images)})
             return {port.get_any_name(): value.copy() for port, value in results.items()}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
