@@ -4,6 +4,7 @@ invisible in the predictions, exported files are cached, and bad options are one
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -78,6 +79,31 @@ def test_onnx_fp32_equals_torch_and_int8_agrees_on_argmax(tiny_run):
     int8_logits = logits_with(run, paths, quantize="int8")
     assert (int8_logits.argmax(axis=1) == torch_logits.argmax(axis=1)).all()
     assert not np.allclose(int8_logits, torch_logits, atol=1e-6)  # it really is the quantized model
+
+
+OPENVINO_MODELS_FREED_OUT_OF_ORDER = """
+import gc, signal, subprocess, sys
+import numpy as np, openvino, openvino.opset13 as ops
+from visiontune.inference.openvino import OpenVinoModel
+images = ops.parameter([1, 4], np.float32, name="images")
+openvino.save_model(openvino.Model([ops.relu(images)], [images]), sys.argv[1])
+signal.signal(signal.SIGCHLD, lambda *_: None)  # torch's DataLoader installs one: signals then use the alternate stack
+first, second = OpenVinoModel(sys.argv[1]), OpenVinoModel(sys.argv[1])
+del first; gc.collect(); del second; gc.collect()
+for _ in range(3):
+    subprocess.run(["true"], check=True)
+print("survived")
+"""
+
+
+def test_openvino_models_freed_in_any_order_leave_the_process_its_signal_stack(tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack while it lives; with a
+    plugin per model, freeing models first-in-first-out left a freed stack installed and the next
+    SIGCHLD (a subprocess ending) killed the process. One shared Core keeps one plugin."""
+    pytest.importorskip("openvino")
+    done = subprocess.run([sys.executable, "-c", OPENVINO_MODELS_FREED_OUT_OF_ORDER, str(tmp_path / "relu.xml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "survived", (done.returncode, done.stderr[-2000:])
 
 
 @needs_onnx

@@ -10,6 +10,7 @@ instructions, fp32 accumulation.
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def require_openvino() -> None:
         raise UserError("the OpenVINO backend needs openvino: pip install 'visiontune[openvino]'") from None
 
 
+@functools.cache
+def shared_core():
+    """One OpenVINO Core, so one CPU plugin, for the whole process. The plugin swaps in its own
+    alternate signal stack when it is created and puts the previous one back when it is freed; with
+    a Core per model, models freed in another order than they were loaded left a freed stack
+    installed, and the next signal handled on it (SIGCHLD as a subprocess ends, once torch's
+    DataLoader has set a handler) killed the process without a traceback."""
+    import openvino
+
+    return openvino.Core()
+
+
 class OpenVinoModel:
     """Callable like `onnx.OnnxModel`: a float NCHW CPU tensor in, logits out, and
     `logits_and_features` from a run's graph. One infer request, used by one caller at a time (an
@@ -36,14 +49,12 @@ class OpenVinoModel:
 
     def __init__(self, path: str | Path, threads: int = 1, precision: str = "fp32") -> None:
         require_openvino()
-        import openvino
-
         if precision not in PRECISION_HINTS:
             raise UserError(f"--precision must be one of {', '.join(PRECISION_HINTS)}, not {precision!r}")
         self.path = Path(path)
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
                   "PERFORMANCE_HINT": "LATENCY"}  # one request at a time, all threads on it
-        self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        self.compiled = shared_core().compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
 
