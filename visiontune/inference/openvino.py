@@ -30,13 +30,21 @@ def require_openvino() -> None:
         raise UserError("the OpenVINO backend needs openvino: pip install 'visiontune[openvino]'") from None
 
 
-@functools.cache
+_core_lock = threading.Lock()
+
+
 def shared_core():
     """One OpenVINO Core, so one CPU plugin, for the whole process. The plugin swaps in its own
     alternate signal stack when it is created and puts the previous one back when it is freed; with
     a Core per model, models freed in another order than they were loaded left a freed stack
     installed, and the next signal handled on it (SIGCHLD as a subprocess ends, once torch's
     DataLoader has set a handler) killed the process without a traceback."""
+    with _core_lock:  # functools.cache alone lets two threads loading at once each make a Core
+        return _new_core()
+
+
+@functools.cache
+def _new_core():
     import openvino
 
     return openvino.Core()
