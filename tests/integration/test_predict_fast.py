@@ -124,6 +124,32 @@ def test_openvino_fp32_equals_torch_and_bf16_stays_close(tiny_run):
 
 
 @needs_onnx
+def test_openvino_normalises_uint8_batches_in_its_graph_and_predict_feeds_it_uint8(tiny_run):
+    pytest.importorskip("openvino")
+    run, data = tiny_run
+    paths = image_paths(data)
+    preprocessing = run.preprocessing
+    plan = plan_inference("cpu", backend="openvino", threads=1, workers=0)
+    model, _ = load_for_inference(run, plan)
+    assert model.takes_uint8
+    decoded = [load_rgb(p, run.config.max_pixels) for p in paths[:4]]
+    as_float = torch.stack([preprocessing.eval_transform()(image) for image in decoded])
+    as_uint8 = torch.stack([preprocessing.eval_transform(normalize=False)(image) for image in decoded])
+    assert as_uint8.dtype == torch.uint8
+    np.testing.assert_allclose(model(as_uint8).numpy(), model(as_float).numpy(), atol=1e-4)
+
+    seen = []
+    run_graph = model._run
+    model._run = lambda images: seen.append(images.dtype) or run_graph(images)
+    batches = iter_logits(model, preprocessing.eval_transform(), paths, plan=plan, preprocessing=preprocessing)
+    logits = np.concatenate([b.logits for b in batches])
+    assert set(seen) == {torch.uint8}
+    np.testing.assert_allclose(logits, logits_with(run, paths), atol=1e-4)  # torch on float batches
+    with pytest.raises(ValueError, match="float batches only"):
+        OpenVinoModel(model.path, threads=1)(as_uint8)
+
+
+@needs_onnx
 def test_export_is_cached_until_the_checkpoint_changes(tiny_run):
     from visiontune.inference.onnx import export_run
 
@@ -236,3 +262,19 @@ def test_every_image_command_exits_2_when_it_read_nothing(tiny_run, tmp_path, mo
     assert "Traceback" not in err
     expected = {"missing file": "no such file or folder", "unreadable only": "none of the 1 image file(s) could be read"}
     assert expected.get(case, "no image files found") in err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_predict_that_read_nothing_leaves_the_out_file_as_it_was(tiny_run, tmp_path, monkeypatch, capsys, suffix):
+    run, _ = tiny_run
+    broken = _nothing_to_read(tmp_path, "unreadable only")
+    earlier, fresh = tmp_path / f"earlier{suffix}", tmp_path / f"fresh{suffix}"
+    earlier.write_text("an earlier run's predictions\n")
+    for out in (earlier, fresh):
+        assert run_cli(monkeypatch, "predict", run.dir, *broken, "--out", out, "--workers", "0") == 2
+        listed = out.with_name(out.stem + ".skipped.csv").read_text()
+        assert "broken.png" in listed and "not a readable image" in listed
+    assert earlier.read_text() == "an earlier run's predictions\n"
+    assert not fresh.exists()
+    captured = capsys.readouterr()
+    assert "written to" not in captured.out and "none of the 1 image file(s) could be read" in captured.err

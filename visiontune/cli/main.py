@@ -259,7 +259,8 @@ def predict(
         if result.shard.skipped_existing or result.shard.inputs == 0:
             return
         out = result.shard.part
-    stdout.print(f"{result.written} prediction(s) written to {out}")
+    if result.written or result.shard is not None:  # else no file was written: the error below says why
+        stdout.print(f"{result.written} prediction(s) written to {out}")
     if result.skipped:
         err.print(f"[yellow]{len(result.skipped)} file(s) skipped[/yellow] (also in {out.with_name(out.stem + '.skipped.csv')}):")
         for row in result.skipped:

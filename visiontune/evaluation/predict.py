@@ -109,10 +109,10 @@ def predict(
     if out.suffix not in FORMATS:
         raise UserError(f"--out must end in {' or '.join(FORMATS)}, not {out.name!r}")
     if shard is None:
-        return _predict_to(run, inputs, out, result, options)
+        return _predict_to(run, inputs, out, result, options, keep_empty=False)
 
     result.shard = run_shard(out, PathList.of(expand_image_paths(inputs)), shard,
-                             lambda paths, part: _predict_to(run, paths, part, result, options),
+                             lambda paths, part: _predict_to(run, paths, part, result, options, keep_empty=True),
                              extra_files=lambda part: [skipped_path(part)])
     return result
 
@@ -122,9 +122,18 @@ def skipped_path(out: Path) -> Path:
     return out.with_name(out.stem + ".skipped.csv")
 
 
-def _predict_to(run: ClassifierRun, inputs: Sequence[str], out: Path, result: Predictions, options: dict
-                ) -> Predictions:
-    """Stream the rows of `inputs` to `out` atomically, counting into `result`."""
+class _NothingRead(Exception):
+    """Raised inside the atomic write of a predictions file no row went into, so it is not moved into place."""
+
+
+def _predict_to(run: ClassifierRun, inputs: Sequence[str], out: Path, result: Predictions, options: dict,
+                keep_empty: bool) -> Predictions:
+    """Stream the rows of `inputs` to `out` atomically, counting into `result`.
+
+    When no image could be read, `out` is left as it was (an empty file would pass for a result, and
+    would replace an earlier run's predictions) unless `keep_empty`: a shard's part is its proof of
+    being done. The unreadable files are listed beside it either way.
+    """
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
@@ -139,8 +148,13 @@ def _predict_to(run: ClassifierRun, inputs: Sequence[str], out: Path, result: Pr
                     writer = writer or _csv_writer(handle, row)
                     writer.writerow(row)
                 result.written += 1
+        if not result.written and not keep_empty:
+            raise _NothingRead
 
-    atomic_write(out, write)
+    try:
+        atomic_write(out, write)
+    except _NothingRead:
+        pass
     if result.skipped:
         write_csv_atomic(skipped_path(out), ["path", "skipped"], result.skipped)
     return result

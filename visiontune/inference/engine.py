@@ -135,7 +135,8 @@ def load_for_inference(run, plan: InferencePlan, fallback: bool = False, spin: b
             path = export_run(run, plan.quantize)
             if plan.backend == "openvino":
                 try:
-                    return OpenVinoModel(path, plan.threads, plan.precision), plan
+                    normalization = (run.preprocessing.mean, run.preprocessing.std)
+                    return OpenVinoModel(path, plan.threads, plan.precision, normalization), plan
                 except Exception as exc:  # the export is fine: ONNX Runtime runs it (not in bf16)
                     if not fallback or isinstance(exc, UserError) or plan.precision == "bf16" or not onnx_available():
                         raise
@@ -170,7 +171,9 @@ def iter_logits(
     `features` adds the penultimate features (for out-of-distribution scores). `draft_size`:
     the transform's resize target, for JPEG draft decoding (`ImageFiles`; None decodes exactly).
     With `preprocessing` (the transform's own) on CUDA, JPEGs are decoded, resized and normalised
-    on the GPU (`data.jpeg_batches`, untested on a GPU) and `transform` is not used.
+    on the GPU (`data.jpeg_batches`, untested on a GPU) and `transform` is not used; on a CPU with
+    a model that normalises uint8 batches itself (`OpenVinoModel.takes_uint8`), the workers stop
+    at uint8 (`preprocessing.eval_transform(normalize=False)`) instead of `transform`.
 
     `model` is an nn.Module or a callable from tensors to logits (`OnnxModel`); without `plan`,
     one is chosen for `device` (batch size and workers as given).
@@ -185,6 +188,8 @@ def iter_logits(
                   iter_jpeg_batches(paths, preprocessing.eval_transform(normalize=False), max_pixels,
                                     plan.batch_size, plan.workers, plan.device))
     else:
+        if preprocessing is not None and getattr(model, "takes_uint8", False):
+            transform = preprocessing.eval_transform(normalize=False)
         loader = DataLoader(
             ImageFiles(paths, transform, max_pixels, draft_size=draft_size), batch_size=plan.batch_size,
             num_workers=plan.workers, collate_fn=collate_image_files, pin_memory=plan.device == "cuda",

@@ -118,8 +118,10 @@ class OnnxModel:
 
 
 def input_array(images: torch.Tensor) -> np.ndarray:
-    """A batch as the exported graphs take it: float32, contiguous, on the CPU."""
-    return np.ascontiguousarray(images.detach().float().cpu().numpy())
+    """A batch as the exported graphs take it: float32, contiguous, on the CPU. A uint8 batch stays
+    uint8, for a graph that normalises it (`OpenVinoModel.takes_uint8`); others refuse it."""
+    images = images.detach().cpu()
+    return np.ascontiguousarray((images if images.dtype == torch.uint8 else images.float()).numpy())
 
 
 def export_run(run, quantize: str | None = None, calibration_images: int = 256, seed: int = 0) -> Path:
