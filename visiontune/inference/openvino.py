@@ -8,8 +8,8 @@ inference precision hint: weights and activations in bfloat16 on CPUs with nativ
 instructions, fp32 accumulation.
 
 Given the run's normalisation, the model also takes uint8 batches (the `normalize=False`
-transforms) and normalises them inside the compiled graph (OpenVINO's preprocessing, folded into
-the first layer): a quarter of the bytes from the decoding worker and no per-image float pass
+transforms) and normalises them inside the compiled graph (OpenVINO's preprocessing API, part of
+what its plugin optimises): a quarter of the bytes from the decoding worker and no per-image float pass
 there, which made `predict` 1.02-1.09x faster end to end in fp32 (docs/benchmarks.md, "uint8
 batches"). The exported ONNX file keeps its float interface for every other client.
 """
