@@ -91,8 +91,7 @@ def main() -> None:
         draft_size = run.preprocessing.resize_size if draft else None
         preprocessing = None if name in FLOAT_BATCHES else run.preprocessing  # as `predict` passes it
         results[name] = _planned(model, plan, paths, transform, max_pixels, draft_size, preprocessing) | {
-            "plan": plan.describe() + (", draft decode" if draft else "")
-            + (", uint8 batches" if preprocessing and getattr(model, "takes_uint8", False) else "")}
+            "plan": _label(plan, model, draft, preprocessing)}
     # The ceiling of each backend: its model on tensors decoded beforehand, every thread on the
     # model. Where this is under 3x the naive loop, no decoding trick can reach 3x with it.
     tensors = [transform(load_rgb(path, max_pixels)) for path in paths]
@@ -135,8 +134,7 @@ def _rounds(args, run, paths, transform, max_pixels, load_before) -> None:
         rounds.append({"naive_2_threads": naive[2], "naive_1_thread": naive[1], "default_plan": planned,
                        "ratio_to_faster_naive": planned / max(naive.values())})
     ratios = [r["ratio_to_faster_naive"] for r in rounds]
-    uint8 = ", uint8 batches" if getattr(model, "takes_uint8", False) else ""
-    summary = {"plan": plan.describe() + ", draft decode" + uint8, "images": len(paths), "scale": args.scale,
+    summary = {"plan": _label(plan, model, True, run.preprocessing), "images": len(paths), "scale": args.scale,
                "rounds": rounds, "median_ratio": float(np.median(ratios)), "lowest_ratio": min(ratios),
                "load_before": load_before, "load_after": os.getloadavg(), "machine": machine()}
     print(f"default plan: {summary['plan']}; {len(paths)} images")
@@ -149,6 +147,12 @@ def _rounds(args, run, paths, transform, max_pixels, load_before) -> None:
           f"load average before {_fmt(load_before)}, after {_fmt(summary['load_after'])}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
+
+
+def _label(plan, model, draft: bool, preprocessing) -> str:
+    """The plan as a row shows it: with draft decoding, and uint8 batches where the model takes them."""
+    uint8 = preprocessing is not None and getattr(model, "takes_uint8", False)
+    return plan.describe() + (", draft decode" if draft else "") + (", uint8 batches" if uint8 else "")
 
 
 def _naive(run, paths, transform, max_pixels) -> dict:
