@@ -1,9 +1,10 @@
 """`visiontune benchmark`: images/s per device and batch size, model only and end to end.
 
-Model-only time runs the network on a ready tensor; end-to-end time runs the real inference path
-(`iter_logits`: JPEG decode and resize in worker processes, batching, the model) over real or
-synthetic photos and counts only batches after the first, so start-up (worker processes, first
-call) is excluded. Memory is the process's peak resident set during each row (Linux resets the
+Model-only time runs the network on a ready tensor; end-to-end time runs `predict`'s inference path
+(`iter_logits` as `predict` calls it: JPEG draft decoding and resize in worker processes, uint8
+batches where the model normalises them itself, GPU decoding on CUDA; batching; the model) over
+real or synthetic photos and counts only batches after the first, so start-up (worker processes,
+first call) is excluded. Memory is the process's peak resident set during each row (Linux resets the
 high-water mark between rows) and, on CUDA, the peak allocated by torch.
 """
 
@@ -27,12 +28,16 @@ from visiontune.data.paths import expand_image_paths
 from visiontune.data.transforms import Preprocessing
 from visiontune.devices import resolve_device
 from visiontune.errors import UserError
-from visiontune.inference.engine import InferencePlan, iter_logits, plan_inference
+from visiontune.inference.engine import (
+    InferencePlan,
+    iter_logits,
+    load_for_inference,
+    plan_inference,
+)
 from visiontune.inference.onnx import (
     OnnxModel,
     calibration_batches,
     export_model,
-    export_run,
     quantize_int8,
 )
 from visiontune.inference.openvino import OpenVinoModel
@@ -43,6 +48,7 @@ from visiontune.runformat import META_FILE
 
 COLUMNS = ("device", "mode", "batch_size", "images_per_s", "ms_per_image", "e2e_images_per_s",
            "e2e_ms_per_image", "peak_rss_mb", "cuda_max_allocated_mb")
+SPEED_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
 SYNTHETIC_SIZE = (500, 375)  # a typical phone-photo thumbnail, like hymenoptera's
 
 
@@ -68,14 +74,14 @@ class Subject:
         if plan.backend == "torch":
             return self.model
         if self.run is not None:
-            path = export_run(self.run, plan.quantize)
-        else:
-            path = export_model(self.model, workdir / "model.onnx", self.preprocessing.input_size)
-            if plan.quantize:
-                batches = calibration_batches(images[:64], self.preprocessing.eval_transform(), self.max_pixels)
-                path = quantize_int8(path, workdir / "model.int8.onnx", batches)
+            return load_for_inference(self.run, plan)[0]  # as `predict` loads it
+        path = export_model(self.model, workdir / "model.onnx", self.preprocessing.input_size)
+        if plan.quantize:
+            batches = calibration_batches(images[:64], self.preprocessing.eval_transform(), self.max_pixels)
+            path = quantize_int8(path, workdir / "model.int8.onnx", batches)
         if plan.backend == "openvino":
-            return OpenVinoModel(path, plan.threads, plan.precision)
+            normalization = (self.preprocessing.mean, self.preprocessing.std)
+            return OpenVinoModel(path, plan.threads, plan.precision, normalization)
         return OnnxModel(path, plan.threads)
 
 
@@ -145,8 +151,9 @@ def _inference_row(subject: Subject, runner, plan: InferencePlan, batch_size: in
     # not counted, and enough follow it that the batches prefetched meanwhile barely flatter the rate.
     paths = [images[i % len(images)] for i in range(max(8 * batch_size, 128))]
     counted, start, skipped = 0, None, []
-    for batch in iter_logits(runner, subject.preprocessing.eval_transform(), paths, max_pixels=subject.max_pixels,
-                             plan=plan):
+    preprocessing = subject.preprocessing
+    for batch in iter_logits(runner, preprocessing.eval_transform(), paths, max_pixels=subject.max_pixels, plan=plan,
+                             draft_size=preprocessing.resize_size, preprocessing=preprocessing):
         skipped += batch.skipped
         if start is None:
             start = time.perf_counter()
@@ -213,14 +220,23 @@ def synthetic_photos(folder: Path, count: int = 16, size: tuple[int, int] = SYNT
     return paths
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU as /proc/cpuinfo names it (a VM's "AMD EPYC" hides the generation, so family, model and
+    the vector flags that decide CPU inference speed are kept too), cores, torch and the GPU."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
+        with open(cpuinfo) as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    family = f"{fields['cpu family']}/{fields.get('model', '?')}" if "cpu family" in fields else None
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family_model": family, "cpu_flags": sorted(set(fields.get("flags", "").split()) & SPEED_FLAGS),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 

@@ -6,10 +6,15 @@ import json
 import sys
 
 import pytest
+import torch
 
-from visiontune.bench.benchmark import COLUMNS, benchmark, synthetic_photos
+from visiontune.bench.benchmark import COLUMNS, benchmark, machine, synthetic_photos
 from visiontune.cli.main import main
+from visiontune.data import dataset
+from visiontune.data.transforms import Preprocessing
 from visiontune.inference.engine import onnx_available, openvino_available
+from visiontune.inference.openvino import OpenVinoModel
+from visiontune.models.backbones import create_classifier
 
 TINY = "test_resnet"
 
@@ -48,6 +53,44 @@ def test_onnx_int8_backend_on_a_model_name(tmp_path):
     (row,) = result["rows"]
     assert result["plans"]["cpu"]["backend"] == "onnx" and result["plans"]["cpu"]["quantize"] == "int8"
     assert row["images_per_s"] > 0 and row["e2e_images_per_s"] > 0
+
+
+def test_end_to_end_takes_predicts_path_draft_decoded_uint8_batches(monkeypatch):
+    """The e2e row times what `predict` runs: JPEGs draft-decoded to the resize target, and uint8
+    batches into an OpenVINO model that normalises them itself (float batches before)."""
+    if not openvino_available():
+        pytest.skip("needs OpenVINO (pip install 'visiontune[openvino]')")
+
+    dtypes, drafts = [], []
+    call, files = OpenVinoModel.__call__, dataset.ImageFiles.__init__
+
+    def recording_call(self, images):
+        dtypes.append(images.dtype)
+        return call(self, images)
+
+    def recording_files(self, *args, draft_size=None, **kwargs):
+        drafts.append(draft_size)
+        files(self, *args, draft_size=draft_size, **kwargs)
+
+    monkeypatch.setattr(OpenVinoModel, "__call__", recording_call)
+    monkeypatch.setattr(dataset.ImageFiles, "__init__", recording_files)
+    result = benchmark(TINY, batch_sizes=(4,), repeats=1, warmup=0, backend="openvino", threads=1, workers=0)
+    assert result["rows"][0]["e2e_images_per_s"] > 0
+    assert dtypes[0] == torch.float32  # the model-only row: a ready float tensor
+    assert set(dtypes[1:]) == {torch.uint8} and len(dtypes) > 8  # every e2e batch
+    assert drafts == [Preprocessing.from_model(create_classifier(TINY, 2, pretrained=False)).resize_size]
+
+
+def test_machine_names_the_cpu_generation_and_its_vector_flags(tmp_path):
+    """A VM's "AMD EPYC" hides whether timings came from one CPU generation or another."""
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {}\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: fpu {}\n\n"
+    cpuinfo.write_text(block.format(0, "avx2 avx512f avx512_bf16 sse2") + block.format(1, "amx_int8"))
+    found = machine(str(cpuinfo))
+    assert (found["cpu"], found["cpu_family_model"]) == ("AMD EPYC", "26/2")
+    assert found["cpu_flags"] == ["avx2", "avx512_bf16", "avx512f"]  # the first processor's, speed flags only
+    missing = machine(str(tmp_path / "none"))
+    assert missing["cpu_family_model"] is None and missing["cpu_flags"] == [] and missing["cpu"]
 
 
 def test_synthetic_photos_are_realistic_jpegs(tmp_path):
