@@ -3,6 +3,7 @@ invisible in the predictions, exported files are cached, and bad options are one
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 import visiontune
 from tests.conftest import TINY_OPTIONS, write_class_folders
+from tests.unit.test_lazy_imports import INVOKE, python
 from visiontune.cli.main import main
 from visiontune.data.images import load_rgb
 from visiontune.inference.engine import (
@@ -85,6 +87,7 @@ OPENVINO_MODELS_FREED_OUT_OF_ORDER = """
 import gc, signal, subprocess, sys
 import numpy as np, openvino, openvino.opset13 as ops
 from visiontune.inference.openvino import OpenVinoModel
+from tests.unit.test_lazy_imports import INVOKE, python
 images = ops.parameter([1, 4], np.float32, name="images")
 openvino.save_model(openvino.Model([ops.relu(images)], [images]), sys.argv[1])
 signal.signal(signal.SIGCHLD, lambda *_: None)  # torch's DataLoader installs one: signals then use the alternate stack
@@ -278,3 +281,17 @@ def test_predict_that_read_nothing_leaves_the_out_file_as_it_was(tiny_run, tmp_p
     assert not fresh.exists()
     captured = capsys.readouterr()
     assert "written to" not in captured.out and "none of the 1 image file(s) could be read" in captured.err
+
+
+@pytest.mark.slow
+def test_cli_predict_loads_none_of_evaluate_and_explain_libraries(tiny_run, tmp_path):
+    """`predict` is the command run on a few images at a time: start-up is most of its wall time,
+    and evaluate's / explain's libraries (matplotlib, grad-cam) cost about a second of it."""
+    run, data = tiny_run
+    out = tmp_path / "p.csv"
+    result = python("-c", INVOKE, "predict", str(run.dir), str(data / "red"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["exit_code"] == 0, answer["output"]
+    assert len(out.read_text().splitlines()) == 1 + 12
+    assert not {"matplotlib", "pytorch_grad_cam", "visiontune.evaluation.evaluate"} & set(answer["modules"])
