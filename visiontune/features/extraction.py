@@ -146,7 +146,8 @@ def _extract(inputs: Inputs, out: Path, extractor: FeatureExtractor, preprocessi
     with folder:
         kept, skipped = [], []
         batches = iter_features(extractor, preprocessing.eval_transform(), inputs.paths, pool, batch_size,
-                                workers, device, max_pixels, draft_size=preprocessing.resize_size)
+                                workers, device, max_pixels, draft_size=preprocessing.resize_size,
+                                preprocessing=preprocessing)
         for batch in batches:
             rows.append(batch.arrays)
             kept += batch.indices

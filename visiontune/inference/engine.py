@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from visiontune.config import DEFAULT_MAX_PIXELS
-from visiontune.data.dataset import ImageFiles, collate_image_files, default_workers
-from visiontune.data.jpeg_batches import iter_jpeg_batches
+from visiontune.data.batches import iter_image_batches
+from visiontune.data.dataset import default_workers
 from visiontune.data.transforms import Preprocessing
 from visiontune.devices import plan_cpu
 from visiontune.errors import UserError
@@ -182,18 +181,10 @@ def iter_logits(
         backend = "torch" if isinstance(model, torch.nn.Module) else "onnx"
         plan = plan_inference(device, batch_size=batch_size, backend=backend, workers=workers)
     model = prepare_model(model, plan)
-    if plan.device == "cuda" and preprocessing is not None:
-        normalize = preprocessing.normalizer()
-        loader = ((None if images is None else normalize(images), indices, bad) for images, indices, bad in
-                  iter_jpeg_batches(paths, preprocessing.eval_transform(normalize=False), max_pixels,
-                                    plan.batch_size, plan.workers, plan.device))
-    else:
-        if preprocessing is not None and getattr(model, "takes_uint8", False):
-            transform = preprocessing.eval_transform(normalize=False)
-        loader = DataLoader(
-            ImageFiles(paths, transform, max_pixels, draft_size=draft_size), batch_size=plan.batch_size,
-            num_workers=plan.workers, collate_fn=collate_image_files, pin_memory=plan.device == "cuda",
-        )
+    if preprocessing is not None and getattr(model, "takes_uint8", False):
+        transform = preprocessing.eval_transform(normalize=False)
+    loader = iter_image_batches(paths, transform, max_pixels, plan.batch_size, plan.workers, plan.device,
+                                draft_size=draft_size, preprocessing=preprocessing)
     for images, indices, bad in loader:
         kept, skipped = [paths[i] for i in indices], [(paths[i], r) for i, r in bad]
         if images is None:

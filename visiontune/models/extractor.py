@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from visiontune.config import DEFAULT_MAX_PIXELS
-from visiontune.data.dataset import ImageFiles, collate_image_files
+from visiontune.data.batches import iter_image_batches
+from visiontune.data.transforms import Preprocessing
 from visiontune.errors import UserError
 from visiontune.models.backbones import check_weights_available, create_model
 from visiontune.models.batchnorm import folded_copy
@@ -160,18 +160,20 @@ def pool_maps(maps: Sequence[torch.Tensor], layers: Sequence[str], pool: str) ->
 
 
 def iter_features(extractor: FeatureExtractor, transform, paths: Sequence[str], pool: str, batch_size: int = 32,
-                  workers: int = 0, device: torch.device | str = "cpu",
-                  max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Iterator[FeatureBatch]:
+                  workers: int = 0, device: torch.device | str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+                  draft_size: int | None = None, preprocessing: Preprocessing | None = None
+                  ) -> Iterator[FeatureBatch]:
     """Features of `paths` batch by batch (decoded in loader workers); unreadable files come out
     as skipped instead of stopping the stream, so memory does not grow with the number of images.
-    `draft_size`: the transform's resize target, for JPEG draft decoding (`ImageFiles`)."""
+    `draft_size`: the transform's resize target, for JPEG draft decoding (`ImageFiles`); with
+    `preprocessing` (the transform's own) on CUDA, JPEGs are decoded on the GPU, as in `predict`
+    (`data.batches`)."""
     if pool not in POOLS:
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
     device = torch.device(device)
     network = extractor.to(device).folded()
-    loader = DataLoader(ImageFiles(paths, transform, max_pixels, draft_size=draft_size), batch_size=batch_size,
-                        num_workers=workers,
-                        collate_fn=collate_image_files, pin_memory=device.type == "cuda")
+    loader = iter_image_batches(paths, transform, max_pixels, batch_size, workers, device, draft_size=draft_size,
+                                preprocessing=preprocessing)
     with torch.inference_mode():
         for images, indices, skipped in loader:
             arrays = {}

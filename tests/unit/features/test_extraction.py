@@ -10,6 +10,7 @@ import safetensors.numpy
 import torch
 
 from tests.conftest import TINY_MODEL, TINY_OPTIONS, write_class_folders
+from visiontune.data import batches
 from visiontune.data.images import load_rgb
 from visiontune.data.sources import discover
 from visiontune.errors import UserError
@@ -57,6 +58,28 @@ def test_npz_and_safetensors_hold_the_same_rows_with_paths_labels_and_splits(col
         assert [loaded["classes"][i] for i in loaded["labels"]] == [s.label for s in expected]
         assert loaded["features"].dtype == np.float32 and loaded["meta"]["layers"] == ["layer4"]
     np.testing.assert_array_equal(npz["features"], st["features"])
+
+
+def test_features_take_predicts_device_decoding_where_the_device_decodes_jpegs(tmp_path, monkeypatch):
+    """On CUDA, `features` decodes JPEGs on the GPU as `predict` does; the same code runs here with
+    the CPU standing in for the device (torchvision's libjpeg instead of nvJPEG)."""
+    jpegs = write_class_folders(tmp_path / "jpegs", {"blue": 4, "red": 4}, ext=".jpg")
+    reference = extract(jpegs, out=tmp_path / "cpu.npz", **TINY)
+    calls = []
+    real = batches.iter_jpeg_batches
+
+    def recording(paths, *args, **kwargs):
+        calls.append(len(paths))
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(batches, "decodes_on_device", lambda device: True)
+    monkeypatch.setattr(batches, "iter_jpeg_batches", recording)
+    on_device = extract(jpegs, out=tmp_path / "device.npz", **TINY)
+    assert calls == [8] and on_device["arrays"] == reference["arrays"] == {"features": [8, 96]}
+    a, b = load_features(tmp_path / "cpu.npz"), load_features(tmp_path / "device.npz")
+    assert a["paths"] == b["paths"]
+    # another build of libjpeg and a tensor resize: near (equal on the machine this was written on)
+    np.testing.assert_allclose(b["features"], a["features"], atol=0.05 * np.abs(a["features"]).max())
 
 
 def test_projections_have_the_asked_dimension_and_pca_is_fitted_on_train(colours, tmp_path):
