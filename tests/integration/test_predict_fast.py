@@ -87,7 +87,6 @@ OPENVINO_MODELS_FREED_OUT_OF_ORDER = """
 import gc, signal, subprocess, sys
 import numpy as np, openvino, openvino.opset13 as ops
 from visiontune.inference.openvino import OpenVinoModel
-from tests.unit.test_lazy_imports import INVOKE, python
 images = ops.parameter([1, 4], np.float32, name="images")
 openvino.save_model(openvino.Model([ops.relu(images)], [images]), sys.argv[1])
 signal.signal(signal.SIGCHLD, lambda *_: None)  # torch's DataLoader installs one: signals then use the alternate stack
