@@ -91,7 +91,7 @@ class TrainConfig(BaseModel):
         description="Decode and resize each image once into a disk cache reused across epochs and runs "
         "($VISIONTUNE_CACHE, default ~/.cache/visiontune/decoded; size limit $VISIONTUNE_CACHE_GB, default 10).",
     )
-    compile: bool = Field(False, description="torch.compile the network (off: no gain measured on CPU; GPU unmeasured).")
+    compile: bool = Field(False, description="torch.compile the network (no gain measured on CPU; GPU unmeasured).")
     feature_cache: bool = Field(
         True,
         description="Frozen stage: train the head on backbone features computed once (BatchNorm statistics "

@@ -249,14 +249,14 @@ def predict(
     quantize: Quantize = None,
 ) -> None:
     """Label images with a trained run; unreadable files are listed, never fatal."""
-    # not through `load_run`: its evaluate / explain imports (scikit-learn, matplotlib) cost ~1 s of start-up
+    # not through `load_run`: its evaluate / explain imports (scikit-learn, matplotlib) cost ~0.7 s of start-up
     from visiontune.evaluation.predict import predict as predict_images
     from visiontune.models.classifier_run import ClassifierRun
 
     chosen = shards.resolve(shard)
     result = predict_images(
-        ClassifierRun(run_dir), shards.inputs(paths, files), out=out, top_k=top_k, tta=tta, batch_size=batch_size, workers=workers,
-        device=device, backend=backend, precision=precision, quantize=quantize, shard=chosen,
+        ClassifierRun(run_dir), shards.inputs(paths, files), out=out, top_k=top_k, tta=tta, batch_size=batch_size,
+        workers=workers, device=device, backend=backend, precision=precision, quantize=quantize, shard=chosen,
     )
     if result.shard is not None:
         shards.print_part(chosen, result.shard.part, result.shard.skipped_existing, out)
