@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +54,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="visiontune-compile-") as tmp:
         results = [train(args.data, args.weights, Path(tmp) / f"run-{i}", compiled, args.unfrozen, args.threads)
                    for i, compiled in enumerate(order)]
-        shutil.rmtree(tmp, ignore_errors=True)
     eager, compiled = sorted(results, key=lambda r: r["compile"])
     steady = [e / c for e, c in zip(eager["unfrozen_train_s"][1:], compiled["unfrozen_train_s"][1:])]
     report = {"results": results, "order": args.order, "threads": args.threads,
